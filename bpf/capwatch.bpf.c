@@ -1,0 +1,352 @@
+// SPDX-License-Identifier: Apache-2.0
+/* capwatch: every capability check, counted exactly in the kernel; the
+ * detail of denials (and, when asked, of every check) sent to user space
+ * through BPF ring buffers.
+ *
+ * Compiled by BCC. Everything that varies is chosen with -D flags by
+ * capwatch/_bpf.py, never by editing this text:
+ *   CW_ATTACH_RAW_TP | CW_ATTACH_TP | CW_ATTACH_FEXIT | CW_ATTACH_KPROBE
+ *   CW_NO_AUTOATTACH   name the programs so BCC does not attach them (verifier tests)
+ *   CW_SELF_PID        capwatch's own tgid: its checks are not reported
+ *   CW_EMIT_ALL        send allowed checks too (to the checks ring)
+ *   CW_UNIQUE          send only the first check of each distinct tuple
+ *   CW_FILTER_PID, CW_FILTER_CAP   restrict what is sent (never what is counted)
+ *   CW_DENIAL_PAGES, CW_CHECK_PAGES  ring sizes in pages (powers of two)
+ *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(pid, cap) denial rate limit
+ *   CW_COUNT_ENTRIES   size of the count map
+ *
+ * It reads no kernel struct: only helpers, hook arguments and pt_regs, so a
+ * header tree from another kernel version compiles it correctly.
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include <linux/capability.h>
+#include <linux/security.h>
+
+#include "capwatch.h"
+
+#ifndef CW_SELF_PID
+#define CW_SELF_PID 0
+#endif
+#ifndef CW_DENIAL_PAGES
+#define CW_DENIAL_PAGES 256
+#endif
+#ifndef CW_CHECK_PAGES
+#define CW_CHECK_PAGES 4096
+#endif
+#ifndef CW_RL_BURST
+#define CW_RL_BURST 200
+#endif
+#ifndef CW_RL_WINDOW_NS
+#define CW_RL_WINDOW_NS 1000000000ULL
+#endif
+#ifndef CW_COUNT_ENTRIES
+#define CW_COUNT_ENTRIES 65536
+#endif
+/* Force a consumer wake-up once per this many records on the checks ring;
+ * between them records are submitted with BPF_RB_NO_WAKEUP so that batches
+ * grow under load (the consumer also drains on a short timer). */
+#ifndef CW_WAKE_EVERY
+#define CW_WAKE_EVERY 256
+#endif
+
+/* Denials and other checks go to separate rings so that a flood of allowed
+ * checks can never take the room that denials need. */
+BPF_RINGBUF_OUTPUT(denials, CW_DENIAL_PAGES);
+#if defined(CW_EMIT_ALL) || defined(CW_UNIQUE)
+BPF_RINGBUF_OUTPUT(checks, CW_CHECK_PAGES);
+BPF_PERCPU_ARRAY(wake, u64, 1);
+#endif
+
+/* Exact counts by (cgroup, capability, verdict). Per-CPU values: no atomic
+ * instruction on the hot path; user space sums the CPUs when it reads. */
+BPF_PERCPU_HASH(counts, struct cw_count_key, u64, CW_COUNT_ENTRIES);
+BPF_PERCPU_ARRAY(stats, u64, CW_STAT_NR);
+
+/* The initial user namespace's address, learnt from capwatch's own checks
+ * (its capable() calls name &init_user_ns): never leaves the kernel. */
+BPF_ARRAY(initns, u64, 1);
+
+/* Per-(tgid, cap) denial rate limit: one process denied in a loop cannot
+ * fill the denial ring and hide another process's denials. */
+struct cw_rl_key {
+	u32 pid;
+	s32 cap;
+};
+struct cw_rl_val {
+	u64 window_start;
+	u64 sent;
+	u64 suppressed; /* 64-bit: BPF atomics on 32-bit words need newer LLVM */
+};
+BPF_TABLE("lru_hash", struct cw_rl_key, struct cw_rl_val, ratelimit, 10240);
+
+#ifdef CW_UNIQUE
+struct cw_seen_key {
+	u64 cgroup_id;
+	s32 cap;
+	s32 syscall_nr;
+	u32 denied;
+	u32 pad;
+	char comm[CW_COMM_LEN];
+};
+BPF_TABLE("lru_hash", struct cw_seen_key, u8, seen, 65536);
+#endif
+
+static __always_inline void stat_inc(u32 idx)
+{
+	u64 *v = stats.lookup(&idx);
+	if (v)
+		(*v)++;
+}
+
+static __always_inline s32 current_syscall(void)
+{
+	/* bpf_task_pt_regs (Linux 5.15, commit dd6e10fbd9fb) gives the user
+	 * registers saved at syscall entry; orig_ax holds the syscall number on
+	 * x86_64 (-1 outside a syscall). pt_regs is ABI, not a kernel struct
+	 * whose layout moves between versions. */
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	return (s32)regs->orig_ax;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	return (s32)regs->syscallno;
+#else
+	return -1;
+#endif
+}
+
+static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 opts_flags)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tgid = pid_tgid >> 32;
+	u32 zero = 0;
+
+	if (tgid == CW_SELF_PID) {
+		u64 *init = initns.lookup(&zero);
+		if (init && *init == 0)
+			*init = ns;
+		stat_inc(CW_STAT_SELF);
+		return 0;
+	}
+
+	u32 denied = ret != 0;
+	struct cw_count_key key = {};
+	key.cgroup_id = bpf_get_current_cgroup_id();
+	key.cap = cap;
+	key.denied = denied;
+	u64 *count = counts.lookup(&key);
+	if (count) {
+		(*count)++;
+	} else {
+		u64 one = 1;
+		/* -EEXIST: another CPU inserted it first; on a per-CPU map our
+		 * slot starts at zero, so look up again and add there. */
+		if (counts.insert(&key, &one) != 0) {
+			count = counts.lookup(&key);
+			if (count)
+				(*count)++;
+			else
+				stat_inc(CW_STAT_COUNT_FAIL);
+		}
+	}
+
+#ifdef CW_FILTER_PID
+	if (tgid != CW_FILTER_PID)
+		return 0;
+#endif
+#ifdef CW_FILTER_CAP
+	if (cap != CW_FILTER_CAP)
+		return 0;
+#endif
+
+	u32 suppressed = 0;
+	if (denied) {
+		/* Rate limit per (tgid, cap): CW_RL_BURST denials a window. */
+		struct cw_rl_key rk = {.pid = tgid, .cap = cap};
+		u64 now = bpf_ktime_get_ns();
+		struct cw_rl_val *rv = ratelimit.lookup(&rk);
+		if (!rv) {
+			struct cw_rl_val nv = {.window_start = now};
+			ratelimit.update(&rk, &nv);
+			rv = ratelimit.lookup(&rk);
+		}
+		if (rv) {
+			if (now - rv->window_start > CW_RL_WINDOW_NS) {
+				rv->window_start = now;
+				rv->sent = 0;
+			}
+			if (rv->sent >= CW_RL_BURST) {
+				__sync_fetch_and_add(&rv->suppressed, 1);
+				stat_inc(CW_STAT_SUPPRESSED);
+				return 0;
+			}
+			rv->sent++;
+			suppressed = (u32)__sync_lock_test_and_set(&rv->suppressed, 0);
+		}
+	}
+#if !defined(CW_EMIT_ALL) && !defined(CW_UNIQUE)
+	else {
+		return 0;
+	}
+#endif
+
+	s32 nr = current_syscall();
+	char comm[CW_COMM_LEN] = {};
+	bpf_get_current_comm(&comm, sizeof(comm));
+
+#ifdef CW_UNIQUE
+	struct cw_seen_key sk = {};
+	sk.cgroup_id = key.cgroup_id;
+	sk.cap = cap;
+	sk.syscall_nr = nr;
+	sk.denied = denied;
+	__builtin_memcpy(sk.comm, comm, sizeof(comm));
+	u8 one8 = 1;
+	if (seen.insert(&sk, &one8) != 0)
+		return 0; /* seen before (or the table is full of newer tuples) */
+#endif
+
+	struct cw_event *e;
+#if defined(CW_EMIT_ALL) || defined(CW_UNIQUE)
+	if (!denied) {
+		e = checks.ringbuf_reserve(sizeof(*e));
+		if (!e) {
+			stat_inc(CW_STAT_LOST_CHECKS);
+			return 0;
+		}
+	} else
+#endif
+	{
+		e = denials.ringbuf_reserve(sizeof(*e));
+		if (!e) {
+			stat_inc(CW_STAT_LOST_DENIALS);
+			return 0;
+		}
+	}
+
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = key.cgroup_id;
+	e->pid = tgid;
+	e->tid = (u32)pid_tgid;
+	e->uid = (u32)bpf_get_current_uid_gid();
+	e->cap = cap;
+	e->syscall_nr = nr;
+	e->ret = ret;
+	u32 flags = opts_flags | (denied ? CW_F_DENIED : 0);
+	u64 *init = initns.lookup(&zero);
+	if (init && *init) {
+		flags |= CW_F_USERNS_KNOWN;
+		if (*init != ns)
+			flags |= CW_F_USERNS;
+	}
+	e->flags = flags;
+	e->suppressed = suppressed;
+	__builtin_memcpy(e->comm, comm, sizeof(comm));
+
+#if defined(CW_EMIT_ALL) || defined(CW_UNIQUE)
+	if (!denied) {
+		u64 *w = wake.lookup(&zero);
+		u64 wflag = BPF_RB_NO_WAKEUP;
+		if (w && ((*w)++ % CW_WAKE_EVERY) == 0)
+			wflag = BPF_RB_FORCE_WAKEUP;
+		checks.ringbuf_submit(e, wflag);
+		return 0;
+	}
+#endif
+	/* Denials: default wake-up (the kernel wakes the consumer when it has
+	 * caught up), so a lone denial shows at once. */
+	denials.ringbuf_submit(e, 0);
+	return 0;
+}
+
+static __always_inline u32 opts_to_flags(u32 opts)
+{
+	u32 f = CW_F_OPTS_KNOWN;
+#ifdef CAP_OPT_NOAUDIT
+	/* cap_capable(cred, ns, cap, unsigned int opts): Linux 5.1, commit
+	 * c1a85a00ea66 (backported to 4.19.98 and RHEL 8's 4.18). */
+	if (opts & CAP_OPT_NOAUDIT)
+		f |= CW_F_NOAUDIT;
+	if (opts & CAP_OPT_INSETID)
+		f |= CW_F_INSETID;
+#else
+	/* Before: cap_capable(cred, ns, cap, int audit), SECURITY_CAP_NOAUDIT == 0. */
+	if (opts == 0)
+		f |= CW_F_NOAUDIT;
+#endif
+	return f;
+}
+
+#if defined(CW_ATTACH_RAW_TP)
+/* Raw tracepoint cap_capable: Linux 6.14, commit d48da4d5ed7b.
+ * args: cred, target_ns, capable_ns, cap, ret. No opts. */
+#ifdef CW_NO_AUTOATTACH
+int cw_raw_tp(struct bpf_raw_tracepoint_args *ctx)
+#else
+RAW_TRACEPOINT_PROBE(cap_capable)
+#endif
+{
+	return cw_handle(ctx, (s32)ctx->args[3], (s32)ctx->args[4], ctx->args[1], 0);
+}
+
+#elif defined(CW_ATTACH_TP)
+#ifdef CW_NO_AUTOATTACH
+#error "the regular tracepoint is verified through BCC's attach only"
+#endif
+TRACEPOINT_PROBE(capability, cap_capable)
+{
+	return cw_handle(args, args->cap, args->ret, (u64)args->target_ns, 0);
+}
+
+#elif defined(CW_ATTACH_FEXIT)
+/* fexit sees the arguments and the return value, opts included. */
+KRETFUNC_PROBE(cap_capable, const struct cred *cred, struct user_namespace *targ_ns, int cap,
+	       unsigned int opts, int ret)
+{
+	return cw_handle(ctx, cap, ret, (u64)targ_ns, opts_to_flags(opts));
+}
+
+#elif defined(CW_ATTACH_KPROBE)
+/* kprobe + kretprobe: the entry stashes the arguments by thread. */
+struct cw_args {
+	u64 ns;
+	s32 cap;
+	u32 opts;
+};
+BPF_HASH(inflight, u32, struct cw_args, 10240);
+
+#ifdef CW_NO_AUTOATTACH
+int cw_kprobe(struct pt_regs *ctx)
+#else
+int kprobe__cap_capable(struct pt_regs *ctx)
+#endif
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct cw_args a = {};
+	a.ns = PT_REGS_PARM2(ctx);
+	a.cap = (s32)PT_REGS_PARM3(ctx);
+	a.opts = (u32)PT_REGS_PARM4(ctx);
+	inflight.update(&tid, &a);
+	return 0;
+}
+
+#ifdef CW_NO_AUTOATTACH
+int cw_kretprobe(struct pt_regs *ctx)
+#else
+int kretprobe__cap_capable(struct pt_regs *ctx)
+#endif
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct cw_args *a = inflight.lookup(&tid);
+	if (!a)
+		return 0;
+	struct cw_args copy = *a;
+	inflight.delete(&tid);
+	return cw_handle(ctx, copy.cap, (s32)PT_REGS_RC(ctx), copy.ns, opts_to_flags(copy.opts));
+}
+#else
+#error "define one of CW_ATTACH_RAW_TP, CW_ATTACH_TP, CW_ATTACH_FEXIT, CW_ATTACH_KPROBE"
+#endif

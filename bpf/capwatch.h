@@ -1,0 +1,47 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The one definition of what crosses from kernel to user space.
+ * Mirrored in capwatch/events.py; tests/unit/test_events.py checks that the
+ * two agree on size and offsets (by compiling this header with the host cc). */
+#ifndef CAPWATCH_H
+#define CAPWATCH_H
+
+#define CW_COMM_LEN 16
+
+/* cw_event.flags */
+#define CW_F_DENIED 0x01       /* cap_capable returned non-zero */
+#define CW_F_NOAUDIT 0x02      /* opts & CAP_OPT_NOAUDIT (fexit/kprobe only) */
+#define CW_F_INSETID 0x04      /* opts & CAP_OPT_INSETID (fexit/kprobe only) */
+#define CW_F_OPTS_KNOWN 0x08   /* the hook exposes opts: the two bits above mean something */
+#define CW_F_USERNS 0x10       /* checked in a user namespace other than the initial one */
+#define CW_F_USERNS_KNOWN 0x20 /* the initial namespace was known when this was recorded */
+
+struct cw_event {
+	__u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cgroup_id;      /* cgroup v2 id: inode of the cgroup directory */
+	__u32 pid;            /* thread group id */
+	__u32 tid;
+	__u32 uid;            /* real uid, from bpf_get_current_uid_gid() */
+	__s32 cap;
+	__s32 syscall_nr;     /* syscall the task is in, -1 if unknown */
+	__s32 ret;            /* cap_capable's return: 0 or -EPERM */
+	__u32 flags;          /* CW_F_* */
+	__u32 suppressed;     /* denials of this (pid, cap) rate-limited since the last one sent */
+	char comm[CW_COMM_LEN];
+};
+
+/* Key of the exact in-kernel count map. */
+struct cw_count_key {
+	__u64 cgroup_id;
+	__s32 cap;
+	__u32 denied;
+};
+
+/* Indexes of the per-CPU stats array. */
+#define CW_STAT_LOST_DENIALS 0  /* denial ring full: reserve failed */
+#define CW_STAT_LOST_CHECKS 1   /* checks ring full (--all/--unique): reserve failed */
+#define CW_STAT_SUPPRESSED 2    /* denials held back by the per-(pid, cap) rate limit */
+#define CW_STAT_COUNT_FAIL 3    /* count map full: a check could not be counted */
+#define CW_STAT_SELF 4          /* checks made by capwatch itself (not reported) */
+#define CW_STAT_NR 8
+
+#endif

@@ -1,0 +1,276 @@
+"""The one door to the kernel: the only module that imports bcc (lazily).
+
+It compiles bpf/capwatch.bpf.c with -D flags for the chosen attach mode and
+options, attaches, and hands out what user space needs: the ring-buffer maps
+(fd and size, for capwatch._ringbuf), and readers of the exact count map and
+the per-CPU stats. bcc and OS errors become capwatch.errors types here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capwatch import procfs
+from capwatch._attach import Selection, select_mode
+from capwatch._headers import HeaderTree, find_headers
+from capwatch.errors import CapwatchError, PrivilegeError
+
+__all__ = [
+    "STAT_NAMES",
+    "LoadedProgram",
+    "ProgramConfig",
+    "RingSpec",
+    "bpf_source_dir",
+    "build_cflags",
+    "check_privileges",
+    "load",
+]
+
+_MODE_DEFINE = {
+    "raw_tracepoint": "CW_ATTACH_RAW_TP",
+    "tracepoint": "CW_ATTACH_TP",
+    "fexit": "CW_ATTACH_FEXIT",
+    "kprobe": "CW_ATTACH_KPROBE",
+}
+#: Names of the per-CPU stats slots (bpf/capwatch.h CW_STAT_*).
+STAT_NAMES = ("lost_denials", "lost_checks", "suppressed", "count_fail", "self")
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+@dataclass(frozen=True)
+class ProgramConfig:
+    """What the BPF program is compiled to do (see bpf/capwatch.bpf.c)."""
+
+    emit_all: bool = False  # every check crosses the checks ring
+    unique: bool = False  # only the first check of each distinct tuple
+    filter_pid: int | None = None
+    filter_cap: int | None = None
+    denial_pages: int = 256  # 1 MiB: 14,500 denials
+    check_pages: int = 4096  # 16 MiB: 233,000 checks
+    rl_burst: int = 200  # denials per (pid, cap) per window, then suppressed (counted)
+    rl_window_ns: int = 1_000_000_000
+    count_entries: int = 65536
+    self_pid: int = 0  # 0: this process
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    name: str
+    fd: int
+    data_size: int
+
+
+def bpf_source_dir() -> Path:
+    env = os.environ.get("CAPWATCH_BPF_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "bpf", here / "bpf_src"):
+        if (cand / "capwatch.bpf.c").exists():
+            return cand
+    raise CapwatchError(f"BPF source capwatch.bpf.c not found near {here}")
+
+
+def _pow2(n: int, what: str) -> int:
+    if n < 1 or n & (n - 1):
+        raise CapwatchError(f"{what} must be a power of two, got {n}")
+    return n
+
+
+def build_cflags(config: ProgramConfig, mode: str, *, no_autoattach: bool = False) -> list[str]:
+    """The -D flags for ``mode`` and ``config``: pure, unit-tested."""
+    flags = [
+        f"-D{_MODE_DEFINE[mode]}",
+        f"-I{bpf_source_dir()}",
+        f"-DCW_SELF_PID={config.self_pid or os.getpid()}",
+        f"-DCW_DENIAL_PAGES={_pow2(config.denial_pages, 'denial ring pages')}",
+        f"-DCW_CHECK_PAGES={_pow2(config.check_pages, 'check ring pages')}",
+        f"-DCW_RL_BURST={config.rl_burst}",
+        f"-DCW_RL_WINDOW_NS={config.rl_window_ns}ULL",
+        f"-DCW_COUNT_ENTRIES={config.count_entries}",
+        "-Wno-macro-redefined",
+    ]
+    if config.emit_all:
+        flags.append("-DCW_EMIT_ALL")
+    if config.unique:
+        flags.append("-DCW_UNIQUE")
+    if config.filter_pid is not None:
+        flags.append(f"-DCW_FILTER_PID={config.filter_pid}")
+    if config.filter_cap is not None:
+        flags.append(f"-DCW_FILTER_CAP={config.filter_cap}")
+    if no_autoattach:
+        flags.append("-DCW_NO_AUTOATTACH")
+    return flags
+
+
+def check_privileges(proc_root: str = "/proc") -> None:
+    """Fail early, in one line, when this process cannot load BPF programs."""
+    try:
+        eff = procfs.read_status(os.getpid(), proc_root=proc_root).cap_eff
+    except CapwatchError:
+        return  # cannot tell: let the kernel say
+    if eff >> CAP_SYS_ADMIN & 1:
+        return
+    missing = [n for bit, n in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not eff >> bit & 1]
+    if missing:
+        raise PrivilegeError(
+            "loading BPF programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN);"
+            f" this process lacks {', '.join(missing)}: run as root"
+        )
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """bcc's C side prints compile and verifier errors on fd 2: keep them for
+    the error message instead of spilling them on the terminal."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode("utf-8", "replace").splitlines())
+
+
+def _reason(exc: BaseException, stderr: list[str]) -> str:
+    msg = " ".join(str(exc).split())
+    detail = [
+        ln.strip()
+        for ln in stderr
+        if ln.strip() and ("error" in ln.lower() or "failed" in ln.lower() or "permission" in ln.lower())
+    ]
+    if detail and detail[-1] not in msg:
+        msg = f"{msg}: {detail[-1]}"
+    if "Need super-user" in msg or "Operation not permitted" in msg:
+        msg += " (the kernel refused to load it: EPERM)"
+    return msg
+
+
+class LoadedProgram:
+    """An attached capwatch BPF program."""
+
+    def __init__(self, bpf: Any, mode: str, config: ProgramConfig, headers: HeaderTree) -> None:
+        self._bpf = bpf
+        self.mode = mode
+        self.config = config
+        self.headers = headers
+        self.attempts: tuple[Any, ...] = ()
+
+    def rings(self) -> list[RingSpec]:
+        names = ["denials"]
+        if self.config.emit_all or self.config.unique:
+            names.append("checks")
+        return [
+            RingSpec(n, int(self._bpf[n].map_fd), int(self._bpf[n].max_entries)) for n in names
+        ]
+
+    def read_counts(self) -> dict[tuple[int, int, bool], int]:
+        """Exact counts by (cgroup id, capability, denied), summed over CPUs."""
+        table = self._bpf["counts"]
+        out: dict[tuple[int, int, bool], int] = {}
+        try:
+            items: Any = table.items_lookup_batch()
+            pairs = list(items)
+        except Exception:  # noqa: BLE001 - kernels without batch ops
+            pairs = list(table.items())
+        for k, v in pairs:
+            out[(int(k.cgroup_id), int(k.cap), bool(k.denied))] = int(sum(v))
+        return out
+
+    def read_stats(self) -> dict[str, int]:
+        table = self._bpf["stats"]
+        import ctypes
+
+        out = {}
+        for i, name in enumerate(STAT_NAMES):
+            out[name] = int(sum(table[ctypes.c_int(i)]))
+        return out
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            with contextlib.suppress(Exception):
+                self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> LoadedProgram:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _import_bcc() -> Any:
+    try:
+        import bcc  # noqa: PLC0415 - the one lazy import of bcc
+    except ImportError as exc:
+        raise CapwatchError(
+            f"bcc is not importable ({exc}); install Debian's python3-bpfcc"
+            " (deploy/host-setup.sh) and use a venv with --system-site-packages"
+        ) from None
+    return bcc
+
+
+def _compile(bcc: Any, src: Path, cflags: list[str]) -> Any:
+    with _captured_stderr() as err:
+        try:
+            return bcc.BPF(src_file=str(src).encode(), cflags=cflags)
+        except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception
+            captured = exc
+    raise CapwatchError(_reason(captured, err))
+
+
+def load(
+    config: ProgramConfig,
+    mode: str = "auto",
+    *,
+    kernel_headers: str | None = None,
+) -> LoadedProgram:
+    """Compile, load and attach; try modes in order for ``auto``."""
+    check_privileges()
+    headers = find_headers(kernel_headers)
+    os.environ.update(headers.env)
+    bcc = _import_bcc()
+    src = bpf_source_dir() / "capwatch.bpf.c"
+
+    def attempt(m: str) -> Any:
+        return _compile(bcc, src, build_cflags(config, m))
+
+    sel: Selection[Any] = select_mode(mode, attempt)
+    prog = LoadedProgram(sel.result, sel.mode, config, headers)
+    prog.attempts = sel.attempts
+    return prog
+
+
+def verify(mode: str, config: ProgramConfig | None = None) -> str:
+    """Compile ``mode`` without attaching and load its programs into the
+    verifier (kprobe programs load even where kprobes cannot attach).
+    Returns the names of the programs that passed."""
+    check_privileges()
+    headers = find_headers()
+    os.environ.update(headers.env)
+    bcc = _import_bcc()
+    cfg = config or ProgramConfig()
+    b = _compile(bcc, bpf_source_dir() / "capwatch.bpf.c", build_cflags(cfg, mode, no_autoattach=True))
+    try:
+        names = {"raw_tracepoint": ["cw_raw_tp"], "kprobe": ["cw_kprobe", "cw_kretprobe"]}[mode]
+        kinds = {"raw_tracepoint": bcc.BPF.RAW_TRACEPOINT, "kprobe": bcc.BPF.KPROBE}[mode]
+        with _captured_stderr() as err:
+            try:
+                for n in names:
+                    b.load_func(n.encode(), kinds)
+            except Exception as exc:  # noqa: BLE001
+                raise CapwatchError(_reason(exc, err)) from None
+        return ", ".join(names)
+    finally:
+        b.cleanup()

@@ -1,0 +1,296 @@
+"""The capwatch command line. The one place errors become a line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+from capwatch import __version__
+from capwatch.caps import CAPS, cap_name, decode_mask, parse_cap, parse_mask
+from capwatch.errors import CapwatchError, UsageError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line, not usage plus a line."""
+
+    def error(self, message: str) -> NoReturn:
+        prog = self.prog.removeprefix("capwatch").strip()
+        where = f"{prog}: " if prog else ""
+        raise UsageError(f"{where}{message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def _duration(text: str) -> float:
+    t = text.strip().lower()
+    scale = 1.0
+    for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if t.endswith(suffix):
+            t, scale = t[: -len(suffix)], mult
+            break
+    try:
+        v = float(t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 10, 10s, 5m)") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"duration must be positive and finite: {text!r}")
+    return v
+
+
+def _cap_arg(text: str) -> int:
+    try:
+        return parse_cap(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _mask_arg(text: str) -> int:
+    try:
+        return parse_mask(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_kernel_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--attach",
+        default="auto",
+        choices=["auto", "raw_tracepoint", "tracepoint", "fexit", "kprobe"],
+        help="hook to attach to (default: the best that works)",
+    )
+    p.add_argument("--kernel-headers", metavar="DIR", help="kernel header tree for BCC")
+    p.add_argument("--proc-root", default="/proc", metavar="DIR", help="procfs to read (default /proc)")
+    p.add_argument("--cgroup-root", metavar="DIR", help="cgroup v2 mount (default: from mountinfo)")
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(prog="capwatch", description="See and explain Linux capability checks.")
+    p.add_argument("--version", action="version", version=f"capwatch {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("trace", help="stream capability checks live (denials by default)")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--all", action="store_true", help="every check, allowed ones too")
+    mode.add_argument("--unique", action="store_true", help="each distinct check once")
+    t.add_argument("--pid", type=_positive_int, help="only this process (thread group id)")
+    t.add_argument("--comm", help="only processes with this command name")
+    t.add_argument("--cap", type=_cap_arg, help="only this capability (name or number)")
+    t.add_argument("--container", help="only this container (id prefix or name)")
+    t.add_argument("--pod", help="only this Kubernetes pod")
+    t.add_argument("--namespace", help="only this Kubernetes namespace")
+    t.add_argument("--host-only", action="store_true", help="only processes outside containers")
+    t.add_argument("--json", action="store_true", help="JSON lines (default when not a terminal)")
+    t.add_argument("--duration", type=_duration, help="stop after this long (e.g. 30s)")
+    _add_kernel_opts(t)
+
+    d = sub.add_parser("decode", help="decode a capability mask such as 0000001dbdbeffff")
+    d.add_argument("mask", type=_mask_arg)
+    d.add_argument("--json", action="store_true")
+
+    ps = sub.add_parser("ps", help="capability sets of processes (all by default)")
+    ps.add_argument("pids", nargs="*", type=_positive_int, metavar="PID")
+    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--proc-root", default="/proc", metavar="DIR")
+
+    doc = sub.add_parser("doctor", help="check what this kernel and host support")
+    doc.add_argument("--json", action="store_true")
+    doc.add_argument("--kernel-headers", metavar="DIR")
+    return p
+
+
+# --- decode -----------------------------------------------------------------
+
+
+def cmd_decode(args: argparse.Namespace, out: TextIO) -> int:
+    dec = decode_mask(args.mask)
+    if args.json:
+        out.write(json.dumps(dec.to_dict()) + "\n")
+        return 0
+    out.write(f"mask 0x{dec.mask:016x}: {len(dec.present)} of {len(CAPS)} capabilities\n")
+    for c in CAPS:
+        mark = "+" if c.number in dec.present else "-"
+        out.write(f"  {mark} {c.number:>2} {c.name:<24} {c.summary}\n")
+    for b in dec.unknown_bits:
+        out.write(f"  + {b:>2} {cap_name(b):<24} (not a capability this table knows)\n")
+    absent = ", ".join(cap_name(n) for n in dec.absent) or "none"
+    out.write(f"absent: {absent}\n")
+    return 0
+
+
+# --- ps ---------------------------------------------------------------------
+
+
+def _set_names(mask: int) -> str:
+    dec = decode_mask(mask)
+    if not dec.absent and not dec.unknown_bits:
+        return "=all"
+    if not dec.present and not dec.unknown_bits:
+        return "none"
+    if len(dec.absent) < len(dec.present):
+        return "all except " + ",".join(cap_name(n)[4:].lower() for n in dec.absent)
+    return ",".join(cap_name(n)[4:].lower() for n in dec.present)
+
+
+def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
+    from capwatch import procfs
+
+    explicit = bool(args.pids)
+    pids = args.pids or procfs.list_pids(proc_root=args.proc_root)
+    rows: list[dict[str, Any]] = []
+    for pid in pids:
+        try:
+            st = procfs.read_status(pid, proc_root=args.proc_root)
+        except CapwatchError:
+            if explicit:
+                raise
+            continue  # the process exited while we listed
+        rows.append(
+            {
+                "pid": st.pid,
+                "name": st.name,
+                "uid": st.uid,
+                **{k: f"{v:016x}" for k, v in st.caps().items()},
+                "effective": [cap_name(n) for n in decode_mask(st.cap_eff).present],
+                "bounding_lacks": [cap_name(n) for n in decode_mask(st.cap_bnd).absent],
+            }
+        )
+        if not args.json:
+            if len(rows) == 1:
+                out.write(f"{'PID':>7} {'NAME':<15} {'UID':>5} {'CapEff':<16} EFFECTIVE\n")
+            out.write(f"{st.pid:>7} {st.name[:15]:<15} {st.uid:>5} {st.cap_eff:016x} {_set_names(st.cap_eff)}\n")
+            if explicit:
+                for k, v in st.caps().items():
+                    out.write(f"{'':>7} {k}: {v:016x} {_set_names(v)}\n")
+    if args.json:
+        out.write(json.dumps(rows) + "\n")
+    return 0
+
+
+# --- trace ------------------------------------------------------------------
+
+
+def _install_stop(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from capwatch import _bpf
+    from capwatch._ringbuf import RingReader
+    from capwatch.events import events_from_batch
+    from capwatch.render import Clock, JsonWriter, TableWriter, to_record
+    from capwatch.tracer import BatchSource, drain_loop
+    from capwatch.workloads import make_identity
+
+    identity, keep = make_identity(args)
+    config = _bpf.ProgramConfig(
+        emit_all=args.all, unique=args.unique, filter_pid=args.pid, filter_cap=args.cap
+    )
+    stop = threading.Event()
+    _install_stop(stop)
+    t0 = time.monotonic()
+    prog = _bpf.load(config, args.attach, kernel_headers=args.kernel_headers)
+    source = BatchSource(prog.rings(), lambda r: RingReader(r.fd, r.data_size))
+    what = "every check" if args.all else "distinct checks" if args.unique else "denials"
+    err.write(
+        f"capwatch: attached via {prog.mode} in {time.monotonic() - t0:.1f}s"
+        f" (kernel headers: {prog.headers.source}); tracing {what}, Ctrl-C to stop\n"
+    )
+    err.flush()
+    as_json = args.json or not out.isatty()
+    writer: JsonWriter | TableWriter = JsonWriter(out) if as_json else TableWriter(out)
+    clock = Clock()
+    if args.duration:
+        threading.Timer(args.duration, stop.set).start()
+    seen: set[tuple[Any, ...]] = set()
+    shown = 0
+    try:
+        for _ring, batch in drain_loop(source, stop):
+            for ev in events_from_batch(batch):
+                if args.comm and ev.comm != args.comm:
+                    continue
+                rec = to_record(ev, clock, identity)
+                if not keep(rec):
+                    continue
+                if args.unique:
+                    key = (rec["container"], rec["comm"], ev.cap, ev.denied, ev.syscall_nr)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                writer.write(rec)
+                shown += 1
+    finally:
+        stats = prog.read_stats()
+        source.close()
+        prog.close()
+        lost = stats["lost_denials"] + stats["lost_checks"]
+        err.write(
+            f"capwatch: {shown} shown; lost {lost} (denials {stats['lost_denials']},"
+            f" checks {stats['lost_checks']}); rate-limited denials {stats['suppressed']}\n"
+        )
+    return 0
+
+
+# --- doctor -----------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from capwatch.doctor import run_doctor
+
+    report = run_doctor(kernel_headers=args.kernel_headers)
+    if args.json:
+        out.write(json.dumps(report.to_dict()) + "\n")
+    else:
+        out.write(report.render())
+    return 0 if report.ok else 1
+
+
+# --- main -------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out, err = sys.stdout, sys.stderr
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "decode": lambda a: cmd_decode(a, out),
+        "ps": lambda a: cmd_ps(a, out),
+        "trace": lambda a: cmd_trace(a, out, err),
+        "doctor": lambda a: cmd_doctor(a, out),
+    }
+    try:
+        args = _build_parser().parse_args(argv)
+        return commands[args.command](args)
+    except CapwatchError as exc:
+        err.write(f"capwatch: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (capwatch trace | head): not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

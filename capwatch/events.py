@@ -1,0 +1,116 @@
+"""The event record: the Python mirror of ``struct cw_event`` in bpf/capwatch.h.
+
+One layout, defined twice (C and here); ``tests/unit/test_events.py`` compiles the
+header with the host C compiler and checks that size and every offset agree.
+Batches are decoded with numpy (one call for thousands of records); single
+records with :data:`EVENT_STRUCT`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "EVENT_DTYPE",
+    "EVENT_SIZE",
+    "EVENT_STRUCT",
+    "F_DENIED",
+    "F_INSETID",
+    "F_NOAUDIT",
+    "F_OPTS_KNOWN",
+    "F_USERNS",
+    "F_USERNS_KNOWN",
+    "Event",
+    "decode_record",
+    "events_from_batch",
+]
+
+F_DENIED = 0x01
+F_NOAUDIT = 0x02
+F_INSETID = 0x04
+F_OPTS_KNOWN = 0x08
+F_USERNS = 0x10
+F_USERNS_KNOWN = 0x20
+
+#: numpy mirror of struct cw_event (little-endian, as on x86_64 and arm64).
+EVENT_DTYPE = np.dtype(
+    [
+        ("ts_ns", "<u8"),
+        ("cgroup_id", "<u8"),
+        ("pid", "<u4"),
+        ("tid", "<u4"),
+        ("uid", "<u4"),
+        ("cap", "<i4"),
+        ("syscall_nr", "<i4"),
+        ("ret", "<i4"),
+        ("flags", "<u4"),
+        ("suppressed", "<u4"),
+        ("comm", "S16"),
+    ]
+)
+EVENT_STRUCT = struct.Struct("<QQIIIiiiII16s")
+EVENT_SIZE = EVENT_STRUCT.size
+assert EVENT_DTYPE.itemsize == EVENT_SIZE == 64
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One capability check as the kernel reported it (raw numbers, no names)."""
+
+    ts_ns: int
+    cgroup_id: int
+    pid: int
+    tid: int
+    uid: int
+    cap: int
+    syscall_nr: int
+    ret: int
+    flags: int
+    suppressed: int
+    comm: str
+
+    @property
+    def denied(self) -> bool:
+        return bool(self.flags & F_DENIED)
+
+    @property
+    def opts_known(self) -> bool:
+        return bool(self.flags & F_OPTS_KNOWN)
+
+    @property
+    def noaudit(self) -> bool | None:
+        """True/False where the hook exposes cap_capable's opts, else None."""
+        return bool(self.flags & F_NOAUDIT) if self.opts_known else None
+
+    @property
+    def insetid(self) -> bool | None:
+        return bool(self.flags & F_INSETID) if self.opts_known else None
+
+    @property
+    def in_userns(self) -> bool | None:
+        """Checked in a non-initial user namespace; None when not yet known."""
+        return bool(self.flags & F_USERNS) if self.flags & F_USERNS_KNOWN else None
+
+
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def decode_record(data: bytes | bytearray | memoryview) -> Event:
+    """Decode one record; raises ValueError when it is not EVENT_SIZE bytes."""
+    if len(data) != EVENT_SIZE:
+        raise ValueError(f"event record is {len(data)} bytes, expected {EVENT_SIZE}")
+    f: tuple[Any, ...] = EVENT_STRUCT.unpack(data)
+    return Event(*f[:10], comm=_comm(f[10]))
+
+
+def events_from_batch(batch: np.ndarray) -> list[Event]:
+    """Turn a decoded numpy batch into Event objects (for the slow, detailed path)."""
+    out: list[Event] = []
+    for row in batch.tolist():
+        out.append(Event(*row[:10], comm=_comm(row[10])))
+    return out
