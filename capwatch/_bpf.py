@@ -118,7 +118,9 @@ def check_privileges(proc_root: str = "/proc") -> None:
         return  # cannot tell: let the kernel say
     if eff >> CAP_SYS_ADMIN & 1:
         return
-    missing = [n for bit, n in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not eff >> bit & 1]
+    missing = [
+        n for bit, n in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")) if not eff >> bit & 1
+    ]
     if missing:
         raise PrivilegeError(
             "loading BPF programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN);"
@@ -148,7 +150,8 @@ def _reason(exc: BaseException, stderr: list[str]) -> str:
     detail = [
         ln.strip()
         for ln in stderr
-        if ln.strip() and ("error" in ln.lower() or "failed" in ln.lower() or "permission" in ln.lower())
+        if ln.strip()
+        and ("error" in ln.lower() or "failed" in ln.lower() or "permission" in ln.lower())
     ]
     if detail and detail[-1] not in msg:
         msg = f"{msg}: {detail[-1]}"
@@ -171,9 +174,7 @@ class LoadedProgram:
         names = ["denials"]
         if self.config.emit_all or self.config.unique:
             names.append("checks")
-        return [
-            RingSpec(n, int(self._bpf[n].map_fd), int(self._bpf[n].max_entries)) for n in names
-        ]
+        return [RingSpec(n, int(self._bpf[n].map_fd), int(self._bpf[n].max_entries)) for n in names]
 
     def read_counts(self) -> dict[tuple[int, int, bool], int]:
         """Exact counts by (cgroup id, capability, denied), summed over CPUs."""
@@ -182,7 +183,7 @@ class LoadedProgram:
         try:
             items: Any = table.items_lookup_batch()
             pairs = list(items)
-        except Exception:  # noqa: BLE001 - kernels without batch ops
+        except Exception:
             pairs = list(table.items())
         for k, v in pairs:
             out[(int(k.cgroup_id), int(k.cap), bool(k.denied))] = int(sum(v))
@@ -212,7 +213,7 @@ class LoadedProgram:
 
 def _import_bcc() -> Any:
     try:
-        import bcc  # noqa: PLC0415 - the one lazy import of bcc
+        import bcc
     except ImportError as exc:
         raise CapwatchError(
             f"bcc is not importable ({exc}); install Debian's python3-bpfcc"
@@ -225,7 +226,7 @@ def _compile(bcc: Any, src: Path, cflags: list[str]) -> Any:
     with _captured_stderr() as err:
         try:
             return bcc.BPF(src_file=str(src).encode(), cflags=cflags)
-        except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception
+        except Exception as exc:
             captured = exc
     raise CapwatchError(_reason(captured, err))
 
@@ -261,7 +262,9 @@ def verify(mode: str, config: ProgramConfig | None = None) -> str:
     os.environ.update(headers.env)
     bcc = _import_bcc()
     cfg = config or ProgramConfig()
-    b = _compile(bcc, bpf_source_dir() / "capwatch.bpf.c", build_cflags(cfg, mode, no_autoattach=True))
+    b = _compile(
+        bcc, bpf_source_dir() / "capwatch.bpf.c", build_cflags(cfg, mode, no_autoattach=True)
+    )
     try:
         names = {"raw_tracepoint": ["cw_raw_tp"], "kprobe": ["cw_kprobe", "cw_kretprobe"]}[mode]
         kinds = {"raw_tracepoint": bcc.BPF.RAW_TRACEPOINT, "kprobe": bcc.BPF.KPROBE}[mode]
@@ -269,7 +272,7 @@ def verify(mode: str, config: ProgramConfig | None = None) -> str:
             try:
                 for n in names:
                     b.load_func(n.encode(), kinds)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise CapwatchError(_reason(exc, err)) from None
         return ", ".join(names)
     finally:

@@ -49,7 +49,7 @@ def _duration(text: str) -> float:
         v = float(t) * scale
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 10, 10s, 5m)") from None
-    if not v > 0 or v != v or v == float("inf"):
+    if not 0 < v < float("inf"):  # also rejects NaN
         raise argparse.ArgumentTypeError(f"duration must be positive and finite: {text!r}")
     return v
 
@@ -76,7 +76,9 @@ def _add_kernel_opts(p: argparse.ArgumentParser) -> None:
         help="hook to attach to (default: the best that works)",
     )
     p.add_argument("--kernel-headers", metavar="DIR", help="kernel header tree for BCC")
-    p.add_argument("--proc-root", default="/proc", metavar="DIR", help="procfs to read (default /proc)")
+    p.add_argument(
+        "--proc-root", default="/proc", metavar="DIR", help="procfs to read (default /proc)"
+    )
     p.add_argument("--cgroup-root", metavar="DIR", help="cgroup v2 mount (default: from mountinfo)")
 
 
@@ -175,7 +177,9 @@ def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
         if not args.json:
             if len(rows) == 1:
                 out.write(f"{'PID':>7} {'NAME':<15} {'UID':>5} {'CapEff':<16} EFFECTIVE\n")
-            out.write(f"{st.pid:>7} {st.name[:15]:<15} {st.uid:>5} {st.cap_eff:016x} {_set_names(st.cap_eff)}\n")
+            out.write(
+                f"{st.pid:>7} {st.name[:15]:<15} {st.uid:>5} {st.cap_eff:016x} {_set_names(st.cap_eff)}\n"
+            )
             if explicit:
                 for k, v in st.caps().items():
                     out.write(f"{'':>7} {k}: {v:016x} {_set_names(v)}\n")

@@ -53,7 +53,9 @@ def _mounted(path: str) -> bool:
     return os.path.ismount(path)
 
 
-def run_doctor(*, kernel_headers: str | None = None, modes: tuple[str, ...] | None = None) -> DoctorReport:
+def run_doctor(
+    *, kernel_headers: str | None = None, modes: tuple[str, ...] | None = None
+) -> DoctorReport:
     from capwatch import _bpf
     from capwatch._attach import MODES
     from capwatch._headers import find_headers
@@ -61,15 +63,28 @@ def run_doctor(*, kernel_headers: str | None = None, modes: tuple[str, ...] | No
     r = DoctorReport()
     r.add("kernel", True, f"{platform.system()} {platform.release()} {platform.machine()}")
     btf = os.path.exists("/sys/kernel/btf/vmlinux")
-    r.add("btf", btf, "/sys/kernel/btf/vmlinux" if btf else "no BTF: fexit unavailable", required=False)
+    r.add(
+        "btf",
+        btf,
+        "/sys/kernel/btf/vmlinux" if btf else "no BTF: fexit unavailable",
+        required=False,
+    )
     tr = _mounted("/sys/kernel/tracing") or _mounted("/sys/kernel/debug")
-    r.add("tracefs", tr, "mounted" if tr else "mount -t tracefs nodev /sys/kernel/tracing",
-          required=False)
+    r.add(
+        "tracefs",
+        tr,
+        "mounted" if tr else "mount -t tracefs nodev /sys/kernel/tracing",
+        required=False,
+    )
     tp = os.path.exists("/sys/kernel/tracing/events/capability/cap_capable") or os.path.exists(
         "/sys/kernel/debug/tracing/events/capability/cap_capable"
     )
-    r.add("tracepoint", tp, "capability:cap_capable" if tp else "not found (needs tracefs)",
-          required=False)
+    r.add(
+        "tracepoint",
+        tp,
+        "capability:cap_capable" if tp else "not found (needs tracefs)",
+        required=False,
+    )
     try:
         _bpf.check_privileges()
         r.add("privileges", True, "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)")
@@ -85,7 +100,9 @@ def run_doctor(*, kernel_headers: str | None = None, modes: tuple[str, ...] | No
     any_ok = False
     for mode in modes or MODES:
         try:
-            prog = _bpf.load(_bpf.ProgramConfig(denial_pages=1), mode, kernel_headers=kernel_headers)
+            prog = _bpf.load(
+                _bpf.ProgramConfig(denial_pages=1), mode, kernel_headers=kernel_headers
+            )
         except CapwatchError as exc:
             r.add(f"attach {mode}", False, str(exc), required=False)
             continue

@@ -9,10 +9,12 @@ records with :data:`EVENT_STRUCT`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "EVENT_DTYPE",
@@ -24,6 +26,7 @@ __all__ = [
     "F_OPTS_KNOWN",
     "F_USERNS",
     "F_USERNS_KNOWN",
+    "Batch",
     "Event",
     "decode_record",
     "events_from_batch",
@@ -52,6 +55,8 @@ EVENT_DTYPE = np.dtype(
         ("comm", "S16"),
     ]
 )
+#: A decoded batch of records: a numpy structured array of EVENT_DTYPE.
+Batch = npt.NDArray[np.void]
 EVENT_STRUCT = struct.Struct("<QQIIIiiiII16s")
 EVENT_SIZE = EVENT_STRUCT.size
 assert EVENT_DTYPE.itemsize == EVENT_SIZE == 64
@@ -100,17 +105,21 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+def _event(f: Sequence[Any]) -> Event:
+    return Event(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9], _comm(f[10]))
+
+
 def decode_record(data: bytes | bytearray | memoryview) -> Event:
     """Decode one record; raises ValueError when it is not EVENT_SIZE bytes."""
     if len(data) != EVENT_SIZE:
         raise ValueError(f"event record is {len(data)} bytes, expected {EVENT_SIZE}")
     f: tuple[Any, ...] = EVENT_STRUCT.unpack(data)
-    return Event(*f[:10], comm=_comm(f[10]))
+    return _event(f)
 
 
-def events_from_batch(batch: np.ndarray) -> list[Event]:
+def events_from_batch(batch: Batch) -> list[Event]:
     """Turn a decoded numpy batch into Event objects (for the slow, detailed path)."""
     out: list[Event] = []
     for row in batch.tolist():
-        out.append(Event(*row[:10], comm=_comm(row[10])))
+        out.append(_event(row))
     return out

@@ -11,15 +11,14 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-import numpy as np
-
 from capwatch._bpf import RingSpec
+from capwatch.events import Batch
 
 __all__ = ["BatchSource", "Reader", "drain_loop"]
 
 
 class Reader(Protocol):
-    def read_batch(self, max_records: int | None = None) -> np.ndarray: ...
+    def read_batch(self, max_records: int | None = None) -> Batch: ...
     def fileno(self) -> int: ...
     def close(self) -> None: ...
 
@@ -36,7 +35,7 @@ class BatchSource:
     def wait(self, timeout_s: float) -> None:
         self._epoll.poll(timeout_s)
 
-    def drain(self) -> Iterator[tuple[str, np.ndarray]]:
+    def drain(self) -> Iterator[tuple[str, Batch]]:
         # Denials first: they are what users wait for.
         for name, reader in self.readers.items():
             while True:
@@ -56,7 +55,7 @@ def drain_loop(
     stop: threading.Event,
     *,
     drain_interval_s: float = 0.05,
-) -> Iterator[tuple[str, np.ndarray]]:
+) -> Iterator[tuple[str, Batch]]:
     """Yield (ring name, batch) until ``stop`` is set, then drain what is left.
 
     The kernel wakes us when a ring was drained and gets a record (denials),
