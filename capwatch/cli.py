@@ -8,13 +8,15 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from capwatch import __version__
 from capwatch.caps import CAPS, cap_name, decode_mask, parse_cap, parse_mask
 from capwatch.errors import CapwatchError, UsageError
+
+if TYPE_CHECKING:
+    from capwatch.events import Batch
 
 __all__ = ["main"]
 
@@ -201,10 +203,9 @@ def _install_stop(stop: threading.Event) -> None:
 
 def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch import _bpf
-    from capwatch._ringbuf import RingReader
     from capwatch.events import events_from_batch
     from capwatch.render import Clock, JsonWriter, TableWriter, to_record
-    from capwatch.tracer import BatchSource, drain_loop
+    from capwatch.session import Session
     from capwatch.workloads import make_identity
 
     identity, keep = make_identity(args)
@@ -213,45 +214,50 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
     stop = threading.Event()
     _install_stop(stop)
-    t0 = time.monotonic()
-    prog = _bpf.load(config, args.attach, kernel_headers=args.kernel_headers)
-    source = BatchSource(prog.rings(), lambda r: RingReader(r.fd, r.data_size))
+    session = Session(config, args.attach, kernel_headers=args.kernel_headers)
     what = "every check" if args.all else "distinct checks" if args.unique else "denials"
     err.write(
-        f"capwatch: attached via {prog.mode} in {time.monotonic() - t0:.1f}s"
-        f" (kernel headers: {prog.headers.source}); tracing {what}, Ctrl-C to stop\n"
+        f"capwatch: attached via {session.mode} in {session.attach_seconds:.1f}s"
+        f" (kernel headers: {session.program.headers.source}); tracing {what}, Ctrl-C to stop\n"
     )
     err.flush()
     as_json = args.json or not out.isatty()
     writer: JsonWriter | TableWriter = JsonWriter(out) if as_json else TableWriter(out)
     clock = Clock()
     if args.duration:
-        threading.Timer(args.duration, stop.set).start()
+        timer = threading.Timer(args.duration, stop.set)
+        timer.daemon = True
+        timer.start()
     seen: set[tuple[Any, ...]] = set()
     shown = 0
+
+    def on_batch(_ring: str, batch: Batch) -> None:
+        nonlocal shown
+        for ev in events_from_batch(batch):
+            if args.comm and ev.comm != args.comm:
+                continue
+            rec = to_record(ev, clock, identity)
+            if not keep(rec):
+                continue
+            if args.unique:
+                key = (rec["container"], rec["comm"], ev.cap, ev.denied, ev.syscall_nr)
+                if key in seen:
+                    continue
+                seen.add(key)
+            writer.write(rec)
+            shown += 1
+
     try:
-        for _ring, batch in drain_loop(source, stop):
-            for ev in events_from_batch(batch):
-                if args.comm and ev.comm != args.comm:
-                    continue
-                rec = to_record(ev, clock, identity)
-                if not keep(rec):
-                    continue
-                if args.unique:
-                    key = (rec["container"], rec["comm"], ev.cap, ev.denied, ev.syscall_nr)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                writer.write(rec)
-                shown += 1
+        session.run(stop, on_batch)
     finally:
-        stats = prog.read_stats()
-        source.close()
-        prog.close()
+        stats = session.program.read_stats()
+        errors = session.decode_errors()
+        session.close()
         lost = stats["lost_denials"] + stats["lost_checks"]
         err.write(
             f"capwatch: {shown} shown; lost {lost} (denials {stats['lost_denials']},"
-            f" checks {stats['lost_checks']}); rate-limited denials {stats['suppressed']}\n"
+            f" checks {stats['lost_checks']}); rate-limited denials {stats['suppressed']};"
+            f" decode errors {errors}\n"
         )
     return 0
 

@@ -1,0 +1,89 @@
+"""A tracing session: the program attached, its rings read in batches.
+
+What `capwatch trace`, `capwatch serve` and the benchmark share: load and
+attach (capwatch._bpf), one RingReader per ring (capwatch._ringbuf), the drain
+loop (capwatch.tracer), and the health figures the exporter publishes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from capwatch import _bpf
+from capwatch._ringbuf import RingReader
+from capwatch.events import Batch
+from capwatch.tracer import BatchSource, drain_loop
+
+__all__ = ["Session"]
+
+
+class Session:
+    def __init__(
+        self,
+        config: _bpf.ProgramConfig,
+        mode: str = "auto",
+        *,
+        kernel_headers: str | None = None,
+    ) -> None:
+        t0 = time.monotonic()
+        self.program = _bpf.load(config, mode, kernel_headers=kernel_headers)
+        try:
+            self._readers: dict[str, RingReader] = {}
+
+            def reader(r: _bpf.RingSpec) -> RingReader:
+                rr = RingReader(r.fd, r.data_size)
+                self._readers[r.name] = rr
+                return rr
+
+            self.source = BatchSource(self.program.rings(), reader)
+        except BaseException:
+            self.program.close()
+            raise
+        self.attach_seconds = time.monotonic() - t0
+        self.last_drain = time.monotonic()
+        self.running = False
+
+    @property
+    def mode(self) -> str:
+        return self.program.mode
+
+    def run(
+        self,
+        stop: threading.Event,
+        on_batch: Callable[[str, Batch], None],
+        *,
+        drain_interval_s: float = 0.05,
+    ) -> None:
+        """Consume until ``stop`` is set; ``on_batch`` gets every batch."""
+        self.running = True
+        try:
+            for ring, batch in drain_loop(self.source, stop, drain_interval_s=drain_interval_s):
+                on_batch(ring, batch)
+                self.last_drain = time.monotonic()
+            self.last_drain = time.monotonic()
+        finally:
+            self.running = False
+
+    def consumer_lag_s(self) -> float:
+        """How long unread data has waited: 0 when the rings are drained."""
+        if any(r.available() for r in self._readers.values()):
+            return max(0.0, time.monotonic() - self.last_drain)
+        return 0.0
+
+    def decode_errors(self) -> int:
+        return sum(r.decode_errors for r in self._readers.values())
+
+    def records_read(self) -> int:
+        return sum(r.records_read for r in self._readers.values())
+
+    def close(self) -> None:
+        self.source.close()
+        self.program.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
