@@ -174,11 +174,14 @@ class LoadedProgram:
         names = ["denials"]
         if self.config.emit_all or self.config.unique:
             names.append("checks")
-        return [RingSpec(n, int(self._bpf[n].map_fd), int(self._bpf[n].max_entries)) for n in names]
+        return [
+            RingSpec(n, int(self._bpf[n.encode()].map_fd), int(self._bpf[n.encode()].max_entries))
+            for n in names
+        ]
 
     def read_counts(self) -> dict[tuple[int, int, bool], int]:
         """Exact counts by (cgroup id, capability, denied), summed over CPUs."""
-        table = self._bpf["counts"]
+        table = self._bpf[b"counts"]
         out: dict[tuple[int, int, bool], int] = {}
         try:
             items: Any = table.items_lookup_batch()
@@ -190,7 +193,7 @@ class LoadedProgram:
         return out
 
     def read_stats(self) -> dict[str, int]:
-        table = self._bpf["stats"]
+        table = self._bpf[b"stats"]
         import ctypes
 
         out = {}
