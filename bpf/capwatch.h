@@ -14,6 +14,8 @@
 #define CW_F_OPTS_KNOWN 0x08   /* the hook exposes opts: the two bits above mean something */
 #define CW_F_USERNS 0x10       /* checked in a user namespace other than the initial one */
 #define CW_F_USERNS_KNOWN 0x20 /* the initial namespace was known when this was recorded */
+#define CW_F_OUTCOME 0x40      /* not a check: the return value (ret) of the syscall in which
+                                  this thread's preceding denials happened (--outcome) */
 
 struct cw_event {
 	__u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -42,6 +44,7 @@ struct cw_count_key {
 #define CW_STAT_SUPPRESSED 2    /* denials held back by the per-(pid, cap) rate limit */
 #define CW_STAT_COUNT_FAIL 3    /* count map full: a check could not be counted */
 #define CW_STAT_SELF 4          /* checks made by capwatch itself (not reported) */
+#define CW_STAT_LOST_OUTCOMES 5 /* denial ring full when a syscall's outcome was to be sent */
 #define CW_STAT_NR 8
 
 #endif

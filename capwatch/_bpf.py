@@ -39,7 +39,7 @@ _MODE_DEFINE = {
     "kprobe": "CW_ATTACH_KPROBE",
 }
 #: Names of the per-CPU stats slots (bpf/capwatch.h CW_STAT_*).
-STAT_NAMES = ("lost_denials", "lost_checks", "suppressed", "count_fail", "self")
+STAT_NAMES = ("lost_denials", "lost_checks", "suppressed", "count_fail", "self", "lost_outcomes")
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
@@ -58,6 +58,7 @@ class ProgramConfig:
     rl_window_ns: int = 1_000_000_000
     count_entries: int = 65536
     self_pid: int = 0  # 0: this process
+    outcome: bool = False  # hook syscall exit to learn each denial's syscall result
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ def build_cflags(config: ProgramConfig, mode: str, *, no_autoattach: bool = Fals
         flags.append(f"-DCW_FILTER_PID={config.filter_pid}")
     if config.filter_cap is not None:
         flags.append(f"-DCW_FILTER_CAP={config.filter_cap}")
+    if config.outcome:
+        flags.append("-DCW_OUTCOME")
     if no_autoattach:
         flags.append("-DCW_NO_AUTOATTACH")
     return flags
@@ -178,6 +181,15 @@ class LoadedProgram:
             RingSpec(n, int(self._bpf[n.encode()].map_fd), int(self._bpf[n.encode()].max_entries))
             for n in names
         ]
+
+    def hooks(self) -> list[str]:
+        """What this program is attached to, as bcc recorded it."""
+        b = self._bpf
+        out = [f"raw_tracepoint:{k.decode()}" for k in getattr(b, "raw_tracepoint_fds", {})]
+        out += [f"tracepoint:{k.decode()}" for k in getattr(b, "tracepoint_fds", {})]
+        out += [f"kprobe:{k.decode()}" for k in getattr(b, "kprobe_fds", {})]
+        out += [f"fexit:{k.decode()}" for k in getattr(b, "kfunc_exit_fds", {})]
+        return sorted(out)
 
     def read_counts(self) -> dict[tuple[int, int, bool], int]:
         """Exact counts by (cgroup id, capability, denied), summed over CPUs."""

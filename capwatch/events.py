@@ -24,6 +24,7 @@ __all__ = [
     "F_INSETID",
     "F_NOAUDIT",
     "F_OPTS_KNOWN",
+    "F_OUTCOME",
     "F_USERNS",
     "F_USERNS_KNOWN",
     "Batch",
@@ -38,6 +39,7 @@ F_INSETID = 0x04
 F_OPTS_KNOWN = 0x08
 F_USERNS = 0x10
 F_USERNS_KNOWN = 0x20
+F_OUTCOME = 0x40
 
 #: numpy mirror of struct cw_event (little-endian, as on x86_64 and arm64).
 EVENT_DTYPE = np.dtype(
@@ -81,6 +83,11 @@ class Event:
     @property
     def denied(self) -> bool:
         return bool(self.flags & F_DENIED)
+
+    @property
+    def is_outcome(self) -> bool:
+        """Not a check: the return value of the syscall of this thread's last denials."""
+        return bool(self.flags & F_OUTCOME)
 
     @property
     def opts_known(self) -> bool:

@@ -112,3 +112,24 @@ class TestFlood:
         assert 0 == stats["lost_denials"]
         # the noisy denier was held back by the rate limit, and that is counted
         assert 0 < stats["suppressed"]
+
+
+def _links(tp: str) -> int:
+    import subprocess
+
+    out = subprocess.run(["bpftool", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return out.count(f"tp '{tp}'")
+
+
+class TestOutcomeHook:
+    def test_no_sys_exit_hook_without_outcome(self) -> None:
+        """Outcome mode off: only cap_capable is hooked; no syscall-exit program is attached."""
+        require_tool("bpftool")
+        before = _links("sys_exit")
+        with load(ProgramConfig()) as prog:
+            assert ["raw_tracepoint:cap_capable"] == prog.hooks()
+            assert before == _links("sys_exit")
+        with load(ProgramConfig(outcome=True)) as prog:
+            assert ["raw_tracepoint:cap_capable", "raw_tracepoint:sys_exit"] == prog.hooks()
+            assert before + 1 == _links("sys_exit")
+        assert before == _links("sys_exit")
