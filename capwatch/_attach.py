@@ -46,7 +46,7 @@ def select_mode(requested: str, try_mode: Callable[[str], T]) -> Selection[T]:
     for mode in order:
         try:
             result = try_mode(mode)
-        except Exception as exc:  # noqa: BLE001 - every failure is a reason to report
+        except Exception as exc:
             attempts.append(Attempt(mode, _one_line(exc)))
             continue
         attempts.append(Attempt(mode, None))

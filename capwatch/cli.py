@@ -16,7 +16,7 @@ from capwatch.caps import CAPS, cap_name, decode_mask, parse_cap, parse_mask
 from capwatch.errors import CapwatchError, UsageError
 
 if TYPE_CHECKING:
-    from capwatch.events import Batch
+    from capwatch.events import Batch, Event
 
 __all__ = ["main"]
 
@@ -203,12 +203,17 @@ def _install_stop(stop: threading.Event) -> None:
 
 def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch import _bpf
+    from capwatch.containers import Attributor
     from capwatch.events import events_from_batch
     from capwatch.render import Clock, JsonWriter, TableWriter, to_record
     from capwatch.session import Session
-    from capwatch.workloads import make_identity
+    from capwatch.workloads import HoldQueue, WorkloadFilter, make_identity
 
-    identity, keep = make_identity(args)
+    keep = WorkloadFilter(
+        container=args.container, pod=args.pod, namespace=args.namespace, host_only=args.host_only
+    )
+    attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
+    identity = make_identity(attributor)
     config = _bpf.ProgramConfig(
         emit_all=args.all, unique=args.unique, filter_pid=args.pid, filter_cap=args.cap
     )
@@ -231,28 +236,35 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     seen: set[tuple[Any, ...]] = set()
     shown = 0
 
-    def on_batch(_ring: str, batch: Batch) -> None:
+    def show(ev: Event) -> None:
         nonlocal shown
+        rec = to_record(ev, clock, identity)
+        if not keep(rec):
+            return
+        if args.unique:
+            key = (rec["container"], rec["comm"], ev.cap, ev.denied, ev.syscall_nr)
+            if key in seen:
+                return
+            seen.add(key)
+        writer.write(rec)
+        shown += 1
+
+    hold = HoldQueue(attributor.resolve, show)
+
+    def on_batch(_ring: str, batch: Batch) -> None:
         for ev in events_from_batch(batch):
             if args.comm and ev.comm != args.comm:
                 continue
-            rec = to_record(ev, clock, identity)
-            if not keep(rec):
-                continue
-            if args.unique:
-                key = (rec["container"], rec["comm"], ev.cap, ev.denied, ev.syscall_nr)
-                if key in seen:
-                    continue
-                seen.add(key)
-            writer.write(rec)
-            shown += 1
+            hold.push(ev)
 
     try:
-        session.run(stop, on_batch)
+        session.run(stop, on_batch, on_tick=hold.flush)
+        hold.flush(force=True)
     finally:
         stats = session.program.read_stats()
         errors = session.decode_errors()
         session.close()
+        attributor.close()
         lost = stats["lost_denials"] + stats["lost_checks"]
         err.write(
             f"capwatch: {shown} shown; lost {lost} (denials {stats['lost_denials']},"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from capwatch import _bpf
 from capwatch._ringbuf import RingReader
 from capwatch.events import Batch
-from capwatch.tracer import BatchSource, drain_loop
+from capwatch.tracer import BatchSource
 
 __all__ = ["Session"]
 
@@ -54,14 +54,22 @@ class Session:
         stop: threading.Event,
         on_batch: Callable[[str, Batch], None],
         *,
+        on_tick: Callable[[], None] | None = None,
         drain_interval_s: float = 0.05,
     ) -> None:
-        """Consume until ``stop`` is set; ``on_batch`` gets every batch."""
+        """Consume until ``stop`` is set; ``on_batch`` gets every batch, ``on_tick``
+        is called after every drain (at least every ``drain_interval_s``)."""
         self.running = True
         try:
-            for ring, batch in drain_loop(self.source, stop, drain_interval_s=drain_interval_s):
-                on_batch(ring, batch)
+            while not stop.is_set():
+                self.source.wait(drain_interval_s)
+                for ring, batch in self.source.drain():
+                    on_batch(ring, batch)
                 self.last_drain = time.monotonic()
+                if on_tick is not None:
+                    on_tick()
+            for ring, batch in self.source.drain():
+                on_batch(ring, batch)
             self.last_drain = time.monotonic()
         finally:
             self.running = False

@@ -7,14 +7,13 @@ reader class), so this loop is the same for the CLI, the exporter and tests.
 from __future__ import annotations
 
 import select
-import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from capwatch._bpf import RingSpec
 from capwatch.events import Batch
 
-__all__ = ["BatchSource", "Reader", "drain_loop"]
+__all__ = ["BatchSource", "Reader"]
 
 
 class Reader(Protocol):
@@ -48,21 +47,3 @@ class BatchSource:
         self._epoll.close()
         for r in self.readers.values():
             r.close()
-
-
-def drain_loop(
-    source: BatchSource,
-    stop: threading.Event,
-    *,
-    drain_interval_s: float = 0.05,
-) -> Iterator[tuple[str, Batch]]:
-    """Yield (ring name, batch) until ``stop`` is set, then drain what is left.
-
-    The kernel wakes us when a ring was drained and gets a record (denials),
-    or every CW_WAKE_EVERY records on the checks ring; the short poll timeout
-    drains the rest, so an event waits at most ``drain_interval_s``.
-    """
-    while not stop.is_set():
-        source.wait(drain_interval_s)
-        yield from source.drain()
-    yield from source.drain()

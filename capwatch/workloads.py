@@ -1,23 +1,143 @@
-"""Glue between the tracer and container attribution: identity of a cgroup id
-as the columns and JSON fields users see, and the workload filters."""
+"""Glue between the tracer and container attribution: the identity of a
+cgroup id as users see it (columns, JSON fields, metric labels), and the
+workload filters of `trace`."""
 
 from __future__ import annotations
 
-import argparse
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from capwatch.render import Identity, default_identity
+from capwatch.containers import Attributor, Workload
+from capwatch.events import Event
+from capwatch.render import Identity
 
-__all__ = ["make_identity"]
+__all__ = ["HoldQueue", "WorkloadFilter", "identity_of", "is_settled", "make_identity"]
+
+_CONTAINER_KINDS = frozenset({"docker", "containerd", "crio", "podman", "kubernetes"})
+
+
+def identity_of(w: Workload) -> Identity:
+    container = w.label
+    if w.kind == "kubernetes" and w.pod:
+        container = w.container_name or w.container_id[:12] or "pod"
+    return {
+        "container": container,
+        "kind": w.kind,
+        "runtime": w.runtime or w.kind,
+        "container_id": w.container_id,
+        "container_name": w.container_name or w.name,
+        "pod": w.pod,
+        "namespace": w.namespace,
+    }
+
+
+class WorkloadFilter:
+    """--container / --pod / --namespace / --host-only, decided once."""
+
+    def __init__(
+        self,
+        *,
+        container: str | None = None,
+        pod: str | None = None,
+        namespace: str | None = None,
+        host_only: bool = False,
+    ) -> None:
+        self.container = container
+        self.pod = pod
+        self.namespace = namespace
+        self.host_only = host_only
+        self.active = bool(container or pod or namespace or host_only)
+
+    def __call__(self, rec: dict[str, Any]) -> bool:
+        if self.host_only and rec.get("kind") in _CONTAINER_KINDS:
+            return False
+        if self.pod and rec.get("pod") != self.pod:
+            return False
+        if self.namespace and rec.get("namespace") != self.namespace:
+            return False
+        if self.container:
+            c = self.container
+            cid = rec.get("container_id") or ""
+            if not (
+                (cid and len(c) >= 3 and cid.startswith(c))
+                or c in (rec.get("container"), rec.get("container_name"))
+            ):
+                return False
+        return True
 
 
 def make_identity(
-    args: argparse.Namespace,
-) -> tuple[Callable[[int], Identity], Callable[[dict[str, Any]], bool]]:
-    identity = default_identity
+    attributor: Attributor,
+) -> Callable[[int], Identity]:
+    """cgroup id -> identity dict, cached per Workload (resolve() is a dict hit)."""
+    cache: dict[Workload, Identity] = {}
 
-    def keep(rec: dict[str, Any]) -> bool:
-        return True
+    def identity(cgroup_id: int) -> Identity:
+        w = attributor.resolve(cgroup_id)
+        ident = cache.get(w)
+        if ident is None:
+            if len(cache) > 10_000:
+                cache.clear()
+            ident = cache[w] = identity_of(w)
+        return ident
 
-    return identity, keep
+    return identity
+
+
+def is_settled(w: Workload, *, k8s: bool = False) -> bool:
+    """Whether this workload's identity is final (no walk or name look-up pending)."""
+    if w.cgroup_path is None:
+        return False
+    if w.container_id and w.runtime in ("podman", "docker") and not w.name:
+        return False
+    return not (k8s and w.kind == "kubernetes" and w.pod_uid and not w.pod)
+
+
+class HoldQueue:
+    """Keep output in order while a new workload's identity is being learnt.
+
+    Attribution never blocks (a new cgroup shows ``cgroup:<id>`` until a
+    background walk finds it, a new container its id until its name is read),
+    so an event whose workload is not settled waits here, with everything
+    behind it, for at most ``max_hold_s``; then it is shown as it is.
+    """
+
+    def __init__(
+        self,
+        resolve: Callable[[int], Workload],
+        emit: Callable[[Event], None],
+        *,
+        max_hold_s: float = 1.0,
+        k8s: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._resolve = resolve
+        self._emit = emit
+        self._max_hold = max_hold_s
+        self._k8s = k8s
+        self._clock = clock
+        self._held: deque[tuple[float, Event]] = deque()
+
+    def push(self, ev: Event) -> None:
+        if not self._held and is_settled(self._resolve(ev.cgroup_id), k8s=self._k8s):
+            self._emit(ev)
+            return
+        self._held.append((self._clock(), ev))
+
+    def flush(self, *, force: bool = False) -> None:
+        now = self._clock()
+        while self._held:
+            t, ev = self._held[0]
+            if not (
+                force
+                or now - t >= self._max_hold
+                or is_settled(self._resolve(ev.cgroup_id), k8s=self._k8s)
+            ):
+                return
+            self._held.popleft()
+            self._emit(ev)
+
+    def __len__(self) -> int:
+        return len(self._held)

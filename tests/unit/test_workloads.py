@@ -1,0 +1,109 @@
+"""Identity of workloads as users see them, filters, and the hold queue."""
+
+from __future__ import annotations
+
+import pytest
+
+from capwatch.containers import Workload, classify, unresolved
+from capwatch.events import Event
+from capwatch.workloads import HoldQueue, WorkloadFilter, identity_of, is_settled
+
+CID = "340583a2a7181ca3900b47c12ac598e49d84f0a748abd3279b7ca3228a636bc1"
+PODMAN_PATH = f"/libpod_parent/libpod-{CID}"
+
+
+def ev(cgroup_id: int, pid: int = 1) -> Event:
+    return Event(0, cgroup_id, pid, pid, 0, 25, 227, -1, 1, 0, "date")
+
+
+class TestIdentity:
+    def test_podman_with_name(self) -> None:
+        """A named podman container: column shows the name; JSON carries id and runtime."""
+        w = classify(PODMAN_PATH, 7)
+        from dataclasses import replace
+
+        ident = identity_of(replace(w, name="web"))
+        assert {
+            "container": "web",
+            "kind": "podman",
+            "runtime": "podman",
+            "container_id": CID,
+            "container_name": "web",
+            "pod": "",
+            "namespace": "",
+        } == ident
+
+    def test_host(self) -> None:
+        """The root cgroup is the host."""
+        assert ("host", "host") == (
+            identity_of(classify("/", 1))["container"],
+            identity_of(classify("/", 1))["runtime"],
+        )
+
+
+class TestFilter:
+    REC = {
+        "container": "web",
+        "kind": "podman",
+        "container_id": CID,
+        "container_name": "web",
+        "pod": "",
+        "namespace": "",
+    }
+
+    @pytest.mark.parametrize(
+        ("kw", "keep"),
+        [
+            ({"container": "web"}, True),
+            ({"container": CID[:12]}, True),
+            ({"container": "db"}, False),
+            ({"container": "34"}, False),
+            ({"host_only": True}, False),
+            ({"pod": "p"}, False),
+            ({}, True),
+        ],
+    )
+    def test_container_record(self, kw: dict[str, object], keep: bool) -> None:
+        """--container matches a name or an id prefix (3+ characters); --host-only drops containers."""
+        assert keep == WorkloadFilter(**kw)(self.REC)  # type: ignore[arg-type]
+
+
+class TestHoldQueue:
+    def test_settled_events_pass_at_once(self) -> None:
+        """Events of known workloads are emitted immediately."""
+        out: list[Event] = []
+        q = HoldQueue(lambda cg: classify("/", cg), out.append)
+        q.push(ev(1))
+        assert [1] == [e.cgroup_id for e in out]
+
+    def test_unsettled_event_waits_and_keeps_order(self) -> None:
+        """A new cgroup's event waits until resolved; later events wait behind it, in order."""
+        now = [0.0]
+        known: dict[int, Workload] = {1: classify("/", 1)}
+        out: list[Event] = []
+        q = HoldQueue(lambda cg: known.get(cg, unresolved(cg)), out.append, clock=lambda: now[0])
+        q.push(ev(9, pid=1))
+        q.push(ev(1, pid=2))
+        q.flush()
+        assert [] == out
+        known[9] = classify("/system.slice/foo.service", 9)
+        q.flush()
+        assert [1, 2] == [e.pid for e in out]
+
+    def test_hold_is_bounded(self) -> None:
+        """An identity that never settles is shown after max_hold_s as it is."""
+        now = [0.0]
+        out: list[Event] = []
+        q = HoldQueue(unresolved, out.append, max_hold_s=1.0, clock=lambda: now[0])
+        q.push(ev(9))
+        now[0] = 0.5
+        q.flush()
+        assert 1 == len(q)
+        now[0] = 1.0
+        q.flush()
+        assert (0, 1) == (len(q), len(out))
+
+    def test_container_without_name_is_not_settled(self) -> None:
+        """A podman container whose name is not known yet is not settled."""
+        assert not is_settled(classify(PODMAN_PATH, 7))
+        assert is_settled(classify("/", 1))
