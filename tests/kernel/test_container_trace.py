@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.podman import busybox_rootfs, new_name, podman_id, podman_rm, podman_run, require_podman
+from tests.kernel.podman import (
+    busybox_rootfs,
+    new_name,
+    podman_id,
+    podman_rm,
+    podman_run,
+    require_podman,
+)
 from tests.kernel.tracing import TraceProcess, run_denied_date
 
 pytestmark = [pytest.mark.kernel, pytest.mark.container]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 from capwatch.containers import Workload, classify, unresolved
@@ -42,7 +44,7 @@ class TestIdentity:
 
 
 class TestFilter:
-    REC = {
+    REC: ClassVar[dict[str, str]] = {
         "container": "web",
         "kind": "podman",
         "container_id": CID,
