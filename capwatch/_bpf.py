@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capwatch import procfs
 from capwatch._attach import Selection, select_mode
 from capwatch._headers import HeaderTree, find_headers
@@ -39,7 +41,7 @@ _MODE_DEFINE = {
     "kprobe": "CW_ATTACH_KPROBE",
 }
 #: Names of the per-CPU stats slots (bpf/capwatch.h CW_STAT_*).
-STAT_NAMES = ("lost_denials", "lost_checks", "suppressed", "count_fail", "self", "lost_outcomes")
+STAT_NAMES = ("lost_denials", "lost_checks", "suppressed", "count_fail", "own_checks", "lost_outcomes")
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
@@ -163,6 +165,58 @@ def _reason(exc: BaseException, stderr: list[str]) -> str:
     return msg
 
 
+_COUNT_KEY = np.dtype([("cgroup_id", "<u8"), ("cap", "<i4"), ("denied", "<u4")])
+
+
+class _CountBatch:
+    """Read the whole per-CPU count map with BPF_MAP_LOOKUP_BATCH into numpy
+    buffers (one syscall per few thousand keys, no ctypes object per key):
+    5,000 keys in about 1 ms here, against 10 ms through bcc's items."""
+
+    def __init__(self, fd: int, max_entries: int) -> None:
+        from bcc.libbcc import lib  # the one door: still this module
+        from bcc.utils import get_possible_cpus
+
+        self._lib = lib
+        self.fd = fd
+        self.max = max_entries
+        self.ncpu = len(get_possible_cpus())
+        self.keys = np.zeros(max_entries, dtype=_COUNT_KEY)
+        self.values = np.zeros((max_entries, self.ncpu), dtype="<u8")
+
+    def read(self) -> tuple[Any, Any, Any, Any]:
+        import ctypes as ct
+        import errno as _errno
+
+        token_in, token_out = ct.c_uint32(0), ct.c_uint32(0)
+        total = 0
+        kp = self.keys.ctypes.data
+        vp = self.values.ctypes.data
+        ksz, vsz = self.keys.itemsize, self.values.shape[1] * 8
+        while total < self.max:
+            cnt = ct.c_uint32(self.max - total)
+            res = self._lib.bpf_lookup_batch(
+                self.fd,
+                ct.byref(token_in) if total else None,
+                ct.byref(token_out),
+                ct.c_void_p(kp + ksz * total),
+                ct.c_void_p(vp + vsz * total),
+                ct.byref(cnt),
+            )
+            err = ct.get_errno()
+            total += cnt.value
+            if res != 0:
+                if err == _errno.ENOENT:
+                    break
+                raise OSError(err, os.strerror(err))
+            if cnt.value == 0:
+                break
+            token_in.value = token_out.value
+        k = self.keys[:total]
+        n = self.values[:total].sum(axis=1)
+        return k["cgroup_id"].copy(), k["cap"].copy(), k["denied"].copy(), n
+
+
 class LoadedProgram:
     """An attached capwatch BPF program."""
 
@@ -172,6 +226,7 @@ class LoadedProgram:
         self.config = config
         self.headers = headers
         self.attempts: tuple[Any, ...] = ()
+        self._batch: _CountBatch | None = None
 
     def rings(self) -> list[RingSpec]:
         names = ["denials"]
@@ -193,16 +248,26 @@ class LoadedProgram:
 
     def read_counts(self) -> dict[tuple[int, int, bool], int]:
         """Exact counts by (cgroup id, capability, denied), summed over CPUs."""
-        table = self._bpf[b"counts"]
-        out: dict[tuple[int, int, bool], int] = {}
+        if self._batch is None:
+            table = self._bpf[b"counts"]
+            self._batch = _CountBatch(int(table.map_fd), int(table.max_entries))
         try:
-            items: Any = table.items_lookup_batch()
-            pairs = list(items)
-        except Exception:
-            pairs = list(table.items())
-        for k, v in pairs:
-            out[(int(k.cgroup_id), int(k.cap), bool(k.denied))] = int(sum(v))
-        return out
+            cg, cap, denied, n = self._batch.read()
+        except OSError:  # kernels without BPF_MAP_LOOKUP_BATCH (before 5.6)
+            table = self._bpf[b"counts"]
+            return {
+                (int(k.cgroup_id), int(k.cap), bool(k.denied)): int(sum(v))
+                for k, v in table.items()
+            }
+        keys = zip(cg.tolist(), cap.tolist(), denied.astype(bool).tolist(), strict=True)
+        return dict(zip(keys, n.tolist(), strict=True))
+
+    def delete_counts(self, keys: list[tuple[int, int, bool]]) -> None:
+        """Forget the counts of cgroups that are gone (the exporter's series TTL)."""
+        table = self._bpf[b"counts"]
+        for cg, cap, denied in keys:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(cg, cap, int(denied))]
 
     def read_stats(self) -> dict[str, int]:
         table = self._bpf[b"stats"]

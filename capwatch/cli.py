@@ -114,6 +114,23 @@ def _build_parser() -> _Parser:
     ps.add_argument("--json", action="store_true")
     ps.add_argument("--proc-root", default="/proc", metavar="DIR")
 
+    sv = sub.add_parser("serve", help="the DaemonSet mode: Prometheus metrics and the denial log")
+    sv.add_argument("--listen", default="127.0.0.1:9649", metavar="HOST:PORT",
+                    help="metrics address (default 127.0.0.1:9649; loopback unless told otherwise)")
+    sv.add_argument("--policy", metavar="FILE", help="expected-denials policy (default: shipped)")
+    sv.add_argument("--node", help="node name for the log (default $NODE_NAME or the hostname)")
+    sv.add_argument("--outcome", action="store_true",
+                    help="join each denial with its syscall's result (hooks every syscall exit)")
+    sv.add_argument("--max-series", type=_positive_int, default=5000,
+                    help="cap on capwatch_checks_total label sets (default 5000)")
+    sv.add_argument("--series-ttl", type=_duration, default=600.0,
+                    help="drop series of cgroups gone and idle this long (default 10m)")
+    sv.add_argument("--log-interval", type=_duration, default=60.0,
+                    help="one log line per distinct denial per interval (default 60s)")
+    sv.add_argument("--no-drop-privileges", dest="drop_privileges", action="store_false",
+                    help="keep all capabilities after attaching")
+    _add_kernel_opts(sv)
+
     doc = sub.add_parser("doctor", help="check what this kernel and host support")
     doc.add_argument("--json", action="store_true")
     doc.add_argument("--kernel-headers", metavar="DIR")
@@ -288,6 +305,12 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if report.ok else 1
 
 
+def _serve(args: argparse.Namespace, out: TextIO) -> int:
+    from capwatch.serve import run_serve
+
+    return run_serve(args, out)
+
+
 # --- main -------------------------------------------------------------------
 
 
@@ -298,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ps": lambda a: cmd_ps(a, out),
         "trace": lambda a: cmd_trace(a, out, err),
         "doctor": lambda a: cmd_doctor(a, out),
+        "serve": lambda a: _serve(a, out),
     }
     try:
         args = _build_parser().parse_args(argv)
@@ -307,6 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("CAPWATCH_DEBUG"):
+            raise
+        err.write(
+            f"capwatch: internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            " (set CAPWATCH_DEBUG=1 for the traceback, and please report it)\n"
+        )
+        return 70
     except BrokenPipeError:
         # The reader went away (capwatch trace | head): not an error.
         devnull = os.open(os.devnull, os.O_WRONLY)
