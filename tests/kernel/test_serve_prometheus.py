@@ -229,7 +229,7 @@ class TestServeEndpoints:
     def test_sigterm_detaches(self, serve: Serve) -> None:
         """SIGTERM: exit 0 within 2 s, and no capwatch program is left attached."""
         before = subprocess.run(
-            ["bpftool", "link", "show"], capture_output=True, text=True
+            ["bpftool", "link", "show"], capture_output=True, text=True, check=True
         ).stdout.count("cap_capable")
         t0 = time.monotonic()
         serve.proc.terminate()
@@ -237,6 +237,6 @@ class TestServeEndpoints:
         assert 0 == serve.proc.returncode
         assert time.monotonic() - t0 < 2
         after = subprocess.run(
-            ["bpftool", "link", "show"], capture_output=True, text=True
+            ["bpftool", "link", "show"], capture_output=True, text=True, check=True
         ).stdout.count("cap_capable")
         assert before - 1 == after
