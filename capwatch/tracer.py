@@ -29,18 +29,22 @@ class BatchSource:
         self.readers: dict[str, Reader] = {r.name: reader(r) for r in rings}
         self._epoll = select.epoll()
         for r in self.readers.values():
-            self._epoll.register(r.fileno(), select.EPOLLIN)
+            # Edge-triggered: epoll returns only when the kernel wakes us (a
+            # denial after the consumer caught up, or every CW_WAKE_EVERY allowed
+            # checks), not whenever any record is pending: level-triggered polling
+            # chased the producer in batches of ~14 records (0.7 us/event).
+            self._epoll.register(r.fileno(), select.EPOLLIN | select.EPOLLET)
 
     def wait(self, timeout_s: float) -> None:
         self._epoll.poll(timeout_s)
 
     def drain(self) -> Iterator[tuple[str, Batch]]:
-        # Denials first: they are what users wait for.
+        # Denials first: they are what users wait for. One read per ring and
+        # wake-up: it takes everything committed so far; what arrives during
+        # the drain waits for the next wake-up or the drain timer.
         for name, reader in self.readers.items():
-            while True:
-                batch = reader.read_batch()
-                if len(batch) == 0:
-                    break
+            batch = reader.read_batch()
+            if len(batch):
                 yield name, batch
 
     def close(self) -> None:
