@@ -10,7 +10,8 @@
  *   CW_SELF_PID        capwatch's own tgid: its checks are not reported
  *   CW_EMIT_ALL        send allowed checks too (to the checks ring)
  *   CW_UNIQUE          send only the first check of each distinct tuple
- *   CW_FILTER_PID, CW_FILTER_CAP   restrict what is sent (never what is counted)
+ *   CW_FILTER_PID, CW_FILTER_CAP, CW_FILTER_CGROUP   restrict what is sent
+ *                      (never what is counted)
  *   CW_DENIAL_PAGES, CW_CHECK_PAGES  ring sizes in pages (powers of two)
  *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(pid, cap) denial rate limit
  *   CW_COUNT_ENTRIES   size of the count map
@@ -174,6 +175,10 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 #endif
 #ifdef CW_FILTER_CAP
 	if (cap != CW_FILTER_CAP)
+		return 0;
+#endif
+#ifdef CW_FILTER_CGROUP
+	if (key.cgroup_id != CW_FILTER_CGROUP)
 		return 0;
 #endif
 

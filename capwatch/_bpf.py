@@ -54,6 +54,7 @@ class ProgramConfig:
     unique: bool = False  # only the first check of each distinct tuple
     filter_pid: int | None = None
     filter_cap: int | None = None
+    filter_cgroup: int | None = None
     denial_pages: int = 256  # 1 MiB: 14,500 denials
     check_pages: int = 4096  # 16 MiB: 233,000 checks
     rl_burst: int = 200  # denials per (pid, cap) per window, then suppressed (counted)
@@ -108,6 +109,8 @@ def build_cflags(config: ProgramConfig, mode: str, *, no_autoattach: bool = Fals
         flags.append(f"-DCW_FILTER_PID={config.filter_pid}")
     if config.filter_cap is not None:
         flags.append(f"-DCW_FILTER_CAP={config.filter_cap}")
+    if config.filter_cgroup is not None:
+        flags.append(f"-DCW_FILTER_CGROUP={config.filter_cgroup}ULL")
     if config.outcome:
         flags.append("-DCW_OUTCOME")
     if no_autoattach:

@@ -8,15 +8,18 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from capwatch import __version__
 from capwatch.caps import CAPS, cap_name, decode_mask, parse_cap, parse_mask
 from capwatch.errors import CapwatchError, UsageError
+from capwatch.recent import DEFAULT_STATE_FILE
 
 if TYPE_CHECKING:
     from capwatch.events import Batch, Event
+    from capwatch.outcome import Joined
 
 __all__ = ["main"]
 
@@ -102,7 +105,18 @@ def _build_parser() -> _Parser:
     t.add_argument("--namespace", help="only this Kubernetes namespace")
     t.add_argument("--host-only", action="store_true", help="only processes outside containers")
     t.add_argument("--json", action="store_true", help="JSON lines (default when not a terminal)")
+    t.add_argument(
+        "--outcome",
+        action="store_true",
+        help="show each denial's syscall result (cause or probe); hooks every syscall exit",
+    )
     t.add_argument("--duration", type=_duration, help="stop after this long (e.g. 30s)")
+    t.add_argument(
+        "--state-file",
+        default=DEFAULT_STATE_FILE,
+        metavar="FILE",
+        help="where recent denials are kept for explain --last",
+    )
     _add_kernel_opts(t)
 
     d = sub.add_parser("decode", help="decode a capability mask such as 0000001dbdbeffff")
@@ -115,21 +129,84 @@ def _build_parser() -> _Parser:
     ps.add_argument("--proc-root", default="/proc", metavar="DIR")
 
     sv = sub.add_parser("serve", help="the DaemonSet mode: Prometheus metrics and the denial log")
-    sv.add_argument("--listen", default="127.0.0.1:9649", metavar="HOST:PORT",
-                    help="metrics address (default 127.0.0.1:9649; loopback unless told otherwise)")
+    sv.add_argument(
+        "--listen",
+        default="127.0.0.1:9649",
+        metavar="HOST:PORT",
+        help="metrics address (default 127.0.0.1:9649; loopback unless told otherwise)",
+    )
     sv.add_argument("--policy", metavar="FILE", help="expected-denials policy (default: shipped)")
     sv.add_argument("--node", help="node name for the log (default $NODE_NAME or the hostname)")
-    sv.add_argument("--outcome", action="store_true",
-                    help="join each denial with its syscall's result (hooks every syscall exit)")
-    sv.add_argument("--max-series", type=_positive_int, default=5000,
-                    help="cap on capwatch_checks_total label sets (default 5000)")
-    sv.add_argument("--series-ttl", type=_duration, default=600.0,
-                    help="drop series of cgroups gone and idle this long (default 10m)")
-    sv.add_argument("--log-interval", type=_duration, default=60.0,
-                    help="one log line per distinct denial per interval (default 60s)")
-    sv.add_argument("--no-drop-privileges", dest="drop_privileges", action="store_false",
-                    help="keep all capabilities after attaching")
+    sv.add_argument(
+        "--outcome",
+        action="store_true",
+        help="join each denial with its syscall's result (hooks every syscall exit)",
+    )
+    sv.add_argument(
+        "--max-series",
+        type=_positive_int,
+        default=5000,
+        help="cap on capwatch_checks_total label sets (default 5000)",
+    )
+    sv.add_argument(
+        "--series-ttl",
+        type=_duration,
+        default=600.0,
+        help="drop series of cgroups gone and idle this long (default 10m)",
+    )
+    sv.add_argument(
+        "--log-interval",
+        type=_duration,
+        default=60.0,
+        help="one log line per distinct denial per interval (default 60s)",
+    )
+    sv.add_argument(
+        "--no-drop-privileges",
+        dest="drop_privileges",
+        action="store_false",
+        help="keep all capabilities after attaching",
+    )
     _add_kernel_opts(sv)
+
+    for name, helptext in (
+        ("explain", "why a command, process or container was denied, and how to fix it"),
+        ("advise", "the least capabilities a command, process or container needs"),
+    ):
+        ex = sub.add_parser(
+            name,
+            help=helptext,
+            usage=f"capwatch {name} [options] (PID | --container NAME | -- COMMAND ...)",
+        )
+        ex.add_argument(
+            "pid", nargs="?", type=_positive_int, metavar="PID", help="watch this process"
+        )
+        ex.add_argument("--container", help="watch this container (name or id prefix)")
+        ex.add_argument(
+            "--duration",
+            type=_duration,
+            default=10.0 if name == "explain" else 30.0,
+            help="how long to watch a PID or container (default %(default)ss)",
+        )
+        ex.add_argument(
+            "--policy", metavar="FILE", help="expected-denials policy (default: shipped)"
+        )
+        ex.add_argument("--json", action="store_true")
+        if name == "explain":
+            ex.add_argument(
+                "--last",
+                type=_positive_int,
+                nargs="?",
+                const=5,
+                metavar="N",
+                help="explain the N most recent denials trace/serve recorded (default 5)",
+            )
+            ex.add_argument(
+                "--state-file",
+                default=DEFAULT_STATE_FILE,
+                metavar="FILE",
+                help=f"where trace and serve record recent denials ({DEFAULT_STATE_FILE})",
+            )
+        _add_kernel_opts(ex)
 
     doc = sub.add_parser("doctor", help="check what this kernel and host support")
     doc.add_argument("--json", action="store_true")
@@ -222,6 +299,8 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch import _bpf
     from capwatch.containers import Attributor
     from capwatch.events import events_from_batch
+    from capwatch.outcome import OutcomeJoiner
+    from capwatch.recent import RecentDenials, with_caps
     from capwatch.render import Clock, JsonWriter, TableWriter, to_record
     from capwatch.session import Session
     from capwatch.workloads import HoldQueue, WorkloadFilter, make_identity
@@ -232,7 +311,11 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
     identity = make_identity(attributor)
     config = _bpf.ProgramConfig(
-        emit_all=args.all, unique=args.unique, filter_pid=args.pid, filter_cap=args.cap
+        emit_all=args.all,
+        unique=args.unique,
+        filter_pid=args.pid,
+        filter_cap=args.cap,
+        outcome=args.outcome,
     )
     stop = threading.Event()
     _install_stop(stop)
@@ -253,11 +336,16 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     seen: set[tuple[Any, ...]] = set()
     shown = 0
 
-    def show(ev: Event) -> None:
+    def show_joined(j: Joined) -> None:
+        show(j.event, j)
+
+    def show(ev: Event, joined: Joined | None = None) -> None:
         nonlocal shown
         rec = to_record(ev, clock, identity)
         if not keep(rec):
             return
+        if joined is not None and ev.denied:
+            rec["outcome"], rec["role"] = joined.outcome, joined.role
         if args.unique:
             key = (rec["container"], rec["comm"], ev.cap, ev.denied, ev.syscall_nr)
             if key in seen:
@@ -265,8 +353,18 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             seen.add(key)
         writer.write(rec)
         shown += 1
+        if ev.denied:
+            recent.add(rec if rec in recent else with_caps(rec, args.proc_root))
 
-    hold = HoldQueue(attributor.resolve, show)
+    recent = RecentDenials(args.state_file)
+    joiner = OutcomeJoiner(show_joined) if args.outcome else None
+    hold = HoldQueue(attributor.resolve, joiner.feed if joiner is not None else show)
+
+    def tick() -> None:
+        hold.flush()
+        if joiner is not None:
+            joiner.expire(time.monotonic_ns())
+        recent.flush()
 
     def on_batch(_ring: str, batch: Batch) -> None:
         for ev in events_from_batch(batch):
@@ -275,8 +373,11 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             hold.push(ev)
 
     try:
-        session.run(stop, on_batch, on_tick=hold.flush)
+        session.run(stop, on_batch, on_tick=tick)
         hold.flush(force=True)
+        if joiner is not None:
+            joiner.flush()
+        recent.flush(force=True)
     finally:
         stats = session.program.read_stats()
         errors = session.decode_errors()
@@ -305,6 +406,22 @@ def cmd_doctor(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if report.ok else 1
 
 
+def _observe_cmd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from capwatch import observe
+
+    targets = sum(
+        bool(x) for x in (args.cmd, args.pid, args.container, getattr(args, "last", None))
+    )
+    if targets != 1:
+        raise UsageError(
+            f"{args.command}: give exactly one of PID, --container NAME, -- COMMAND"
+            + (", --last" if args.command == "explain" else "")
+        )
+    if args.command == "explain":
+        return observe.run_explain(args, out, err)
+    return observe.run_advise(args, out, err)
+
+
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
     from capwatch.serve import run_serve
 
@@ -322,9 +439,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trace": lambda a: cmd_trace(a, out, err),
         "doctor": lambda a: cmd_doctor(a, out),
         "serve": lambda a: _serve(a, out),
+        "explain": lambda a: _observe_cmd(a, out, err),
+        "advise": lambda a: _observe_cmd(a, out, err),
     }
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        cmd: list[str] = []
+        if argv and argv[0] in ("explain", "advise") and "--" in argv:
+            i = argv.index("--")
+            argv, cmd = argv[:i], argv[i + 1 :]
         args = _build_parser().parse_args(argv)
+        args.cmd = cmd
         return commands[args.command](args)
     except CapwatchError as exc:
         err.write(f"capwatch: {exc}\n")

@@ -186,3 +186,32 @@ class TestPrivilegesAndHeaders:
         assert checks["attach raw_tracepoint"]
         assert checks["attach tracepoint"]
         assert {"attach fexit", "attach kprobe"} <= checks.keys()
+
+
+class TestOutcome:
+    def test_outcome_marks_cause_and_probe(self) -> None:
+        """--outcome: date's EPERM makes a cause; ifconfig's CAP_SYS_MODULE denial before ENODEV a probe."""
+        with TraceProcess("--outcome") as tr:
+            pid = run_denied_date()
+            p = subprocess.run(
+                [
+                    "capsh",
+                    "--drop=cap_sys_module,cap_net_admin",
+                    "--",
+                    "-c",
+                    "echo $$; exec ifconfig nosuchdev0",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            ifpid = int(p.stdout.split()[0])
+            events, _ = tr.stop()
+        date = [(e["capability"], e["outcome"], e["role"]) for e in events if e["pid"] == pid]
+        assert [("CAP_SYS_TIME", "EPERM", "cause")] == date
+        ifc = {
+            e["capability"]: (e["syscall"], e["outcome"], e["role"])
+            for e in events
+            if e["pid"] == ifpid
+        }
+        assert ("ioctl", "ENODEV", "probe") == ifc["CAP_SYS_MODULE"]

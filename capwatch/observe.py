@@ -1,0 +1,347 @@
+"""`capwatch explain` and `capwatch advise`: watch a target, then explain or advise.
+
+A target is a command (run in a fresh cgroup of its own, so the kernel
+filters exactly its process tree), a pid, or a container (its cgroup).
+Denials are joined with their syscall's outcome; each denying process's
+capability sets are read as soon as the denial arrives (a process that is
+already gone is stood in for by a live process of the same cgroup, which
+shares its bounding set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from capwatch import _bpf, procfs
+from capwatch.advise import Observation, advise
+from capwatch.cgroups import find_cgroup2_mount, walk_cgroup_tree
+from capwatch.containers import Attributor, ContainerNames, Workload, classify
+from capwatch.errors import CapwatchError, UsageError
+from capwatch.events import Batch, Event, events_from_batch
+from capwatch.explain import DenialFacts, Explanation, explain
+from capwatch.outcome import Joined, OutcomeJoiner
+from capwatch.policy import Policy
+from capwatch.session import Session
+from capwatch.syscalls import syscall_name
+
+__all__ = ["Target", "run_advise", "run_explain"]
+
+
+@dataclass
+class Target:
+    label: str
+    config: _bpf.ProgramConfig
+    argv: list[str] | None = None
+    cgroup_dir: str | None = None  # made for a command; removed after
+    cgroup_ids: set[int] = field(default_factory=set)
+
+
+def _unified(args: argparse.Namespace) -> str:
+    root = args.cgroup_root or find_cgroup2_mount(f"{args.proc_root}/self/mountinfo")
+    if root is None:
+        raise CapwatchError("no cgroup v2 hierarchy mounted: cannot isolate the target")
+    return str(root)
+
+
+def _container_cgroups(args: argparse.Namespace, text: str) -> tuple[str, set[int]]:
+    root = _unified(args)
+    names = ContainerNames(background=False)
+    found: dict[int, Workload] = {}
+    for cid, path in walk_cgroup_tree(root).items():
+        w = classify(path, cid)
+        if not w.container_id or w.monitor:
+            continue
+        if (len(text) >= 3 and w.container_id.startswith(text)) or (
+            w.runtime in ("podman", "docker") and names.fetch(w.runtime, w.container_id) == text
+        ):
+            found[cid] = w
+    names.close()
+    if not found:
+        raise CapwatchError(f"no running container matches {text!r} (a name or an id prefix)")
+    ids = {w.container_id for w in found.values()}
+    if len(ids) > 1:
+        raise UsageError(f"{text!r} matches {len(ids)} containers; give more of the id")
+    return next(iter(ids))[:12], set(found)
+
+
+def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
+    base: dict[str, Any] = {
+        "outcome": True,
+        "emit_all": not unique and args.command == "advise",
+        "unique": unique,
+    }
+    if args.cmd:
+        root = _unified(args)
+        d = os.path.join(root, f"capwatch-run-{uuid.uuid4().hex[:8]}")
+        try:
+            os.mkdir(d)
+        except OSError as exc:
+            raise CapwatchError(
+                f"cannot make a cgroup for the command in {root}: {exc.strerror}"
+            ) from None
+        cg = os.stat(d).st_ino
+        return Target(
+            " ".join(args.cmd), _bpf.ProgramConfig(filter_cgroup=cg, **base), args.cmd, d, {cg}
+        )
+    if getattr(args, "pid", None):
+        procfs.read_status(args.pid, proc_root=args.proc_root)  # a missing pid fails here
+        return Target(f"pid {args.pid}", _bpf.ProgramConfig(filter_pid=args.pid, **base))
+    if args.container:
+        short, cgs = _container_cgroups(args, args.container)
+        cfg = _bpf.ProgramConfig(filter_cgroup=next(iter(cgs)) if len(cgs) == 1 else None, **base)
+        return Target(f"container {args.container} ({short})", cfg, cgroup_ids=cgs)
+    raise UsageError("say what to watch: PID, --container NAME|ID, or -- COMMAND ARGS")
+
+
+class _Collector:
+    """Consumes the session's batches: joins outcomes, snapshots process status."""
+
+    def __init__(
+        self, target: Target, attributor: Attributor, policy: Policy, proc_root: str
+    ) -> None:
+        self.target = target
+        self.attributor = attributor
+        self.policy = policy
+        self.proc_root = proc_root
+        self.status: dict[int, procfs.ProcStatus | None] = {}
+        self.joined: list[Joined] = []
+        self.allowed: dict[tuple[int, str, str], int] = {}
+        self.joiner = OutcomeJoiner(self._take)
+
+    def on_batch(self, _ring: str, batch: Batch) -> None:
+        for ev in events_from_batch(batch):
+            if self.target.cgroup_ids and ev.cgroup_id not in self.target.cgroup_ids:
+                continue
+            if ev.denied and ev.pid not in self.status:
+                self.status[ev.pid] = self._status(ev) or self._stand_in_for(ev)
+            self.joiner.feed(ev)
+
+    def _status(self, ev: Event) -> procfs.ProcStatus | None:
+        with contextlib.suppress(CapwatchError):
+            return procfs.read_status(ev.pid, proc_root=self.proc_root)
+        return None
+
+    def _take(self, j: Joined) -> None:
+        ev = j.event
+        if ev.denied:
+            self.joined.append(j)
+        else:
+            key = (ev.cap, syscall_name(ev.syscall_nr), ev.comm)
+            self.allowed[key] = self.allowed.get(key, 0) + 1
+
+    def close(self) -> None:
+        self.attributor.close()
+
+    def _stand_in_for(self, ev: Event) -> procfs.ProcStatus | None:
+        """The process is gone: a live process of its cgroup tells the bounding set,
+        which a container's processes share. Used only when that set lacks the
+        capability (the other sets are the dead process's own)."""
+        st = self.stand_in(ev)
+        return st if st is not None and not st.cap_bnd >> ev.cap & 1 else None
+
+    def stand_in(self, ev: Event) -> procfs.ProcStatus | None:
+        """A live process of the same cgroup: it shares the bounding set."""
+        w = self.attributor.resolve(ev.cgroup_id)
+        root = self.attributor.cgroup_root
+        if w.cgroup_path is None or root is None:
+            return None
+        try:
+            with open(os.path.join(root, w.cgroup_path.lstrip("/"), "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return None
+        for pid in pids:
+            with contextlib.suppress(CapwatchError):
+                return procfs.read_status(pid, proc_root=self.proc_root)
+        return None
+
+
+def _kind(w: Workload) -> str:
+    if w.kind == "kubernetes" or w.pod_uid:
+        return "kubernetes"
+    return w.runtime or w.kind
+
+
+def _observe(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[_Collector, float]:
+    policy = Policy.load(getattr(args, "policy", None))
+    stop = threading.Event()
+    attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
+    col = _Collector(target, attributor, policy, args.proc_root)
+    session = Session(target.config, args.attach, kernel_headers=args.kernel_headers)
+    t0 = time.monotonic()
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        if target.argv is not None:
+            procs = os.path.join(str(target.cgroup_dir), "cgroup.procs")
+
+            def enter_cgroup() -> None:
+                with open(procs, "w") as f:
+                    f.write("0")
+
+            try:
+                child = subprocess.Popen(target.argv, preexec_fn=enter_cgroup)  # noqa: PLW1509
+            except OSError as exc:
+                raise CapwatchError(f"cannot run {target.argv[0]}: {exc.strerror}") from None
+
+            def wait_child() -> None:
+                # Wait without reaping: a zombie's /proc/PID/status still shows
+                # its capability sets, which the consumer reads on its denials.
+                assert child is not None
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+                time.sleep(0.2)  # let the last records and outcomes drain
+                stop.set()
+
+            threading.Thread(target=wait_child, daemon=True).start()
+        else:
+            err.write(
+                f"capwatch: watching {target.label} for {args.duration:.0f}s (Ctrl-C to stop early)\n"
+            )
+            timer = threading.Timer(args.duration, stop.set)
+            timer.daemon = True
+            timer.start()
+        _stop_on_signals(stop)
+        session.run(stop, col.on_batch, on_tick=lambda: col.joiner.expire(time.monotonic_ns()))
+        col.joiner.flush()
+    except BaseException:
+        attributor.close()
+        raise
+    finally:
+        if child is not None:
+            if child.poll() is None and stop.is_set() is False:
+                child.terminate()
+            child.wait()
+        session.close()
+        if target.cgroup_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(target.cgroup_dir)
+    if child is not None and child.returncode:
+        err.write(
+            f"capwatch: {target.argv[0] if target.argv else ''} exited with {child.returncode}\n"
+        )
+    return col, time.monotonic() - t0
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _explanations(col: _Collector) -> list[Explanation]:
+    seen: dict[tuple[Any, ...], Explanation] = {}
+    for j in col.joined:
+        ev = j.event
+        syscall = syscall_name(ev.syscall_nr)
+        key = (ev.comm, ev.cap, syscall, j.outcome)
+        if key in seen:
+            seen[key].count += 1
+            continue
+        w = col.attributor.resolve(ev.cgroup_id)
+        status = col.status.get(ev.pid)
+        rule = col.policy.classify(
+            cap=ev.cap,
+            syscall=syscall,
+            comm=ev.comm,
+            container=w.name or w.label,
+            pod=w.pod,
+            namespace=w.namespace,
+        )
+        facts = DenialFacts(
+            cap=ev.cap,
+            syscall=syscall,
+            comm=ev.comm,
+            pid=ev.pid,
+            ret=j.ret,
+            known_probe=rule.name if rule else None,
+            status=status,
+            kind=_kind(w),
+            container=w.container_name or w.name or w.label,
+            pod=w.pod,
+            namespace=w.namespace,
+            service=w.service,
+            userns=ev.in_userns,
+        )
+        seen[key] = explain(facts)
+    return list(seen.values())
+
+
+def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.last:
+        from capwatch.recent import read_recent
+
+        exps = read_recent(args.state_file, args.last)
+        if not exps:
+            raise CapwatchError(
+                f"no denials recorded in {args.state_file} (run capwatch trace or serve first)"
+            )
+        _print(args, exps, out)
+        return 0
+    target = make_target(args, unique=False)
+    col, _ = _observe(args, target, err)
+    try:
+        exps = _explanations(col)
+    finally:
+        col.close()
+    if not exps:
+        out.write("" if args.json else f"no capability was denied to {target.label}\n")
+        if args.json:
+            out.write("[]\n")
+        return 0
+    exps.sort(key=lambda e: {"cause": 0, "unknown": 1, "probe": 2}[e.role])
+    _print(args, exps, out)
+    return 0
+
+
+def _print(args: argparse.Namespace, exps: list[Explanation], out: TextIO) -> None:
+    if args.json:
+        out.write(json.dumps([e.to_dict() for e in exps]) + "\n")
+    else:
+        out.write("\n".join(e.render() for e in exps))
+
+
+def run_advise(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    target = make_target(args, unique=False)
+    col, took = _observe(args, target, err)
+    col.close()
+    obs: list[Observation] = []
+    for (cap, syscall, comm), n in col.allowed.items():
+        rule = col.policy.classify(
+            cap=cap, syscall=syscall, comm=comm, container="", pod="", namespace=""
+        )
+        obs.append(
+            Observation(cap, False, syscall, comm, probe_rule=rule.name if rule else None, count=n)
+        )
+    for j in col.joined:
+        ev = j.event
+        syscall = syscall_name(ev.syscall_nr)
+        rule = col.policy.classify(
+            cap=ev.cap, syscall=syscall, comm=ev.comm, container="", pod="", namespace=""
+        )
+        obs.append(
+            Observation(
+                ev.cap,
+                True,
+                syscall,
+                ev.comm,
+                role=j.role,
+                outcome=j.outcome,
+                probe_rule=rule.name if rule else None,
+            )
+        )
+    a = advise(obs, duration_s=took, target=target.label)
+    out.write(json.dumps(a.to_dict()) + "\n" if args.json else a.render())
+    return 0

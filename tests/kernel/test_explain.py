@@ -1,0 +1,234 @@
+"""Issue 6 scenarios: real processes and containers, explained and advised."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, require_root, require_tool
+from tests.kernel.podman import RUN, busybox_rootfs, new_name, podman_rm, require_podman
+
+pytestmark = [pytest.mark.kernel]
+NO_SECCOMP = ("--security-opt", "seccomp=unconfined")  # see test_container_trace.py
+
+# A process that holds CAP_SYS_TIME permitted but clears it from its effective set,
+# then tries to set the clock (syscall settimeofday with the current time).
+PERMITTED_NOT_EFFECTIVE = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+class H(ctypes.Structure): _fields_ = [("v", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class D(ctypes.Structure): _fields_ = [("e", ctypes.c_uint32), ("p", ctypes.c_uint32), ("i", ctypes.c_uint32)]
+h, d = H(0x20080522, 0), (D * 2)()
+libc.syscall(125, ctypes.byref(h), ctypes.byref(d))  # capget
+d[0].e &= ~(1 << 25)                                  # CAP_SYS_TIME: permitted, not effective
+assert libc.syscall(126, ctypes.byref(h), ctypes.byref(d)) == 0  # capset
+class TV(ctypes.Structure): _fields_ = [("s", ctypes.c_long), ("us", ctypes.c_long)]
+tv = TV(); libc.gettimeofday(ctypes.byref(tv), None)
+r = libc.syscall(164, ctypes.byref(tv), None)          # settimeofday: denied
+print("settimeofday", r, ctypes.get_errno())
+"""
+
+
+def explain_json(*args: str, timeout: float = 60) -> list[dict[str, Any]]:
+    r = subprocess.run(
+        [sys.executable, "-m", "capwatch.cli", "explain", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+    assert 0 == r.returncode, r.stderr
+    out: list[dict[str, Any]] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def by_cap(exps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {e["capability"]: e for e in exps}
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    require_root()
+    require_tool("capsh")
+
+
+class TestHostScenarios:
+    def test_date_without_sys_time(self) -> None:
+        """date -s under capsh --drop: CAP_SYS_TIME, clock_settime, EPERM, bounding set, a cause."""
+        e = by_cap(
+            explain_json(
+                "--", "capsh", "--drop=cap_sys_time", "--", "-c", "exec date -s 2020-01-01"
+            )
+        )["CAP_SYS_TIME"]
+        assert ("clock_settime", "EPERM", "cause", "bounding") == (
+            e["syscall"],
+            e["outcome"],
+            e["role"],
+            e["missing_from"],
+        )
+        assert ["host"] == [f["context"] for f in e["fixes"]]
+
+    def test_ping_without_net_raw(self) -> None:
+        """busybox ping without CAP_NET_RAW: socket() refused with EPERM, bounding set lacks it."""
+        exps = explain_json(
+            "--", "capsh", "--drop=cap_net_raw", "--", "-c", "busybox ping -c1 -W1 127.0.0.1"
+        )
+        e = by_cap(exps)["CAP_NET_RAW"]
+        assert ("socket", "EPERM", "cause", "bounding") == (
+            e["syscall"],
+            e["outcome"],
+            e["role"],
+            e["missing_from"],
+        )
+
+    def test_chown_without_cap_chown(self, tmp_path: Path) -> None:
+        """chown of another user's file without CAP_CHOWN: fchownat, EPERM, bounding set."""
+        f = tmp_path / "f"
+        f.write_text("x")
+        import os
+
+        os.chown(f, 1000, 1000)
+        exps = explain_json("--", "capsh", "--drop=cap_chown", "--", "-c", f"exec chown 0 {f}")
+        e = by_cap(exps)["CAP_CHOWN"]
+        assert ("fchownat", "EPERM", "cause", "bounding") == (
+            e["syscall"],
+            e["outcome"],
+            e["role"],
+            e["missing_from"],
+        )
+
+    def test_permitted_not_effective(self) -> None:
+        """A process holding CAP_SYS_TIME permitted, not effective: the fix is to raise it (capset)."""
+        exps = explain_json("--", sys.executable, "-c", PERMITTED_NOT_EFFECTIVE)
+        e = by_cap(exps)["CAP_SYS_TIME"]
+        assert ("settimeofday", "EPERM", "cause", "effective") == (
+            e["syscall"],
+            e["outcome"],
+            e["role"],
+            e["missing_from"],
+        )
+        assert ["program"] == [f["context"] for f in e["fixes"]]
+        assert "capset" in e["fixes"][0]["fix"]
+
+    def test_no_target_is_usage_error(self) -> None:
+        """explain without a target: one line, exit 2."""
+        r = subprocess.run(
+            [sys.executable, "-m", "capwatch.cli", "explain"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+        )
+        assert (2, 1) == (r.returncode, len(r.stderr.splitlines()))
+        assert "give exactly one of PID, --container NAME, -- COMMAND" in r.stderr
+
+    def test_missing_pid(self) -> None:
+        """explain of a pid that does not exist: one line, exit 1."""
+        r = subprocess.run(
+            [sys.executable, "-m", "capwatch.cli", "explain", "99999999"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+        )
+        assert (1, ["capwatch: no process with pid 99999999 (no /proc/99999999/status)"]) == (
+            r.returncode,
+            r.stderr.splitlines(),
+        )
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_podman()
+    return busybox_rootfs(tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture
+def container(rootfs: Path) -> Iterator[Any]:
+    names: list[str] = []
+
+    def start(script: str, *extra: str) -> str:
+        name = new_name()
+        names.append(name)
+        subprocess.run(
+            [*RUN, "-d", "--name", name, *extra, "--rootfs", str(rootfs), "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return name
+
+    yield start
+    podman_rm(*names)
+
+
+@pytest.mark.container
+class TestContainerScenarios:
+    def test_date_in_container(self, container: Any) -> None:
+        """date -s in a podman container: EPERM, the container's bounding set lacks SYS_TIME,
+        fix podman run --cap-add=SYS_TIME."""
+        name = container("sleep 2; date -s 2020-01-01; sleep 3", *NO_SECCOMP)
+        e = by_cap(explain_json("--container", name, "--duration", "5"))["CAP_SYS_TIME"]
+        assert ("clock_settime", "EPERM", "cause", "bounding") == (
+            e["syscall"],
+            e["outcome"],
+            e["role"],
+            e["missing_from"],
+        )
+        assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
+
+    def test_ifconfig_probe_in_container(self, container: Any) -> None:
+        """ifconfig nosuchdev0 in a container: CAP_SYS_MODULE denied, ioctl ENODEV: a probe, no fix."""
+        name = container("sleep 2; ifconfig nosuchdev0; sleep 3")
+        e = by_cap(explain_json("--container", name, "--duration", "5"))["CAP_SYS_MODULE"]
+        assert ("ioctl", "ENODEV", "probe", []) == (
+            e["syscall"],
+            e["outcome"],
+            e["role"],
+            e["fixes"],
+        )
+
+    def test_advise_port_and_chown(self, container: Any) -> None:
+        """A container binding port 80 and chowning a file: advise proposes NET_BIND_SERVICE and
+        CHOWN; every other proposal rests on an allowed check of the workload itself."""
+        name = container(
+            "sleep 2; (nc -l -p 80 &); sleep 0.5; touch /tmp/f; chown 1000 /tmp/f; sleep 3",
+            "--network",
+            "none",
+        )
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "capwatch.cli",
+                "advise",
+                "--json",
+                "--container",
+                name,
+                "--duration",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            check=False,
+        )
+        assert 0 == r.returncode, r.stderr
+        a = json.loads(r.stdout)
+        assert {"CAP_NET_BIND_SERVICE", "CAP_CHOWN"} <= set(a["capabilities"]), a
+        for cap in a["capabilities"]:
+            ev = a["evidence"][cap]
+            assert ev, cap
+            assert all(e.startswith("allowed in ") for e in ev), (cap, ev)
+            assert not any("runc" in e or "conmon" in e for e in ev), (cap, ev)
+        assert 'drop: ["ALL"]' in a["kubernetes"]
+        assert "--cap-add=NET_BIND_SERVICE" in a["docker"]
