@@ -86,7 +86,7 @@ class TableWriter:
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
-        self.out.write(TABLE_HEADER + "\n")
+        self.out.write(TABLE_HEADER.rstrip() + "\n")
 
     def write(self, rec: dict[str, Any]) -> None:
         t = rec["time"][11:19]
