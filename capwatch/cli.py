@@ -59,6 +59,19 @@ def _duration(text: str) -> float:
     return v
 
 
+def _pow2_arg(text: str) -> int:
+    v = _positive_int(text)
+    if v & (v - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two: {text!r}")
+    return v
+
+
+def _dir_arg(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"not a directory: {text!r}")
+    return text
+
+
 def _cap_arg(text: str) -> int:
     try:
         return parse_cap(text)
@@ -80,11 +93,13 @@ def _add_kernel_opts(p: argparse.ArgumentParser) -> None:
         choices=["auto", "raw_tracepoint", "tracepoint", "fexit", "kprobe"],
         help="hook to attach to (default: the best that works)",
     )
-    p.add_argument("--kernel-headers", metavar="DIR", help="kernel header tree for BCC")
+    p.add_argument("--kernel-headers", type=_dir_arg, metavar="DIR", help="kernel header tree")
     p.add_argument(
-        "--proc-root", default="/proc", metavar="DIR", help="procfs to read (default /proc)"
+        "--proc-root", type=_dir_arg, default="/proc", metavar="DIR", help="procfs (default /proc)"
     )
-    p.add_argument("--cgroup-root", metavar="DIR", help="cgroup v2 mount (default: from mountinfo)")
+    p.add_argument(
+        "--cgroup-root", type=_dir_arg, metavar="DIR", help="cgroup v2 mount (default: mountinfo)"
+    )
 
 
 def _build_parser() -> _Parser:
@@ -112,6 +127,13 @@ def _build_parser() -> _Parser:
     )
     t.add_argument("--duration", type=_duration, help="stop after this long (e.g. 30s)")
     t.add_argument(
+        "--ring-pages",
+        type=_pow2_arg,
+        default=4096,
+        metavar="N",
+        help="pages of the ring for allowed checks (--all/--unique; default 4096 = 16 MiB)",
+    )
+    t.add_argument(
         "--state-file",
         default=DEFAULT_STATE_FILE,
         metavar="FILE",
@@ -126,7 +148,7 @@ def _build_parser() -> _Parser:
     ps = sub.add_parser("ps", help="capability sets of processes (all by default)")
     ps.add_argument("pids", nargs="*", type=_positive_int, metavar="PID")
     ps.add_argument("--json", action="store_true")
-    ps.add_argument("--proc-root", default="/proc", metavar="DIR")
+    ps.add_argument("--proc-root", type=_dir_arg, default="/proc", metavar="DIR")
 
     sv = sub.add_parser("serve", help="the DaemonSet mode: Prometheus metrics and the denial log")
     sv.add_argument(
@@ -210,7 +232,7 @@ def _build_parser() -> _Parser:
 
     doc = sub.add_parser("doctor", help="check what this kernel and host support")
     doc.add_argument("--json", action="store_true")
-    doc.add_argument("--kernel-headers", metavar="DIR")
+    doc.add_argument("--kernel-headers", type=_dir_arg, metavar="DIR")
     return p
 
 
@@ -316,6 +338,7 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         filter_pid=args.pid,
         filter_cap=args.cap,
         outcome=args.outcome,
+        check_pages=args.ring_pages,
     )
     stop = threading.Event()
     _install_stop(stop)
