@@ -148,6 +148,9 @@ class ExporterState:
         for cg in gone:
             del self._cgroups[cg]
             self._labels.pop(cg, None)
+        with self._lock:
+            for key in [k for k in self._denials if k[0] in dead]:
+                del self._denials[key]
 
     def series(self) -> dict[LabelKey, int]:
         """Aggregate the kernel's counts into label sets (the cap on series applied)."""

@@ -147,13 +147,17 @@ class TestCollector:
             series_ttl=60,  # type: ignore[arg-type]
             clock=lambda: now[0],
         )
-        assert 3 == len([k for k in scrape(st) if k.startswith("capwatch_checks_total")])
+        st.count_denial(3, 25, expected=False, n=3)
+        first = scrape(st)
+        assert 3 == len([k for k in first if k.startswith("capwatch_checks_total")])
+        assert 1 == len([k for k in first if k.startswith("capwatch_denials_total")])
         now[0] = 61
         m = scrape(st)
         assert [(3, 25, True)] == src.deleted
         assert {'container="host"', 'container="live.service"'} == {
             k.split(",")[1] for k in m if k.startswith("capwatch_checks_total")
         }
+        assert [] == [k for k in m if k.startswith("capwatch_denials_total")]
 
     def test_labels_are_sticky_once_settled(self) -> None:
         """A cgroup keeps its labels after its directory goes (no flip to cgroup:<id>)."""
