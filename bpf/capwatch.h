@@ -38,12 +38,25 @@ struct cw_count_key {
 	__u32 denied;
 };
 
+/* The per-CPU count cache in front of the count map (see capwatch.bpf.c).
+ * seq_head is first in memory and seq_tail last: a map lookup copies a CPU's
+ * value in ascending address order, so head != tail means a flush overlapped
+ * the copy. n[] is flat ([cap * 2 + denied]): bcc 0.26 sizes 2-D arrays in map
+ * values at half their size. */
+#define CW_NCAP 64
+struct cw_cache {
+	__u64 seq_head;
+	__u64 cgroup_id;
+	__u64 n[CW_NCAP * 2];
+	__u64 seq_tail;
+};
+
 /* Indexes of the per-CPU stats array. */
 #define CW_STAT_LOST_DENIALS 0  /* denial ring full: reserve failed */
 #define CW_STAT_LOST_CHECKS 1   /* checks ring full (--all/--unique): reserve failed */
 #define CW_STAT_SUPPRESSED 2    /* denials held back by the per-(pid, cap) rate limit */
 #define CW_STAT_COUNT_FAIL 3    /* count map full: a check could not be counted */
-#define CW_STAT_SELF 4          /* checks made by capwatch itself (not reported) */
+#define CW_STAT_SELF 4          /* capwatch's own checks on the streaming path (not sent) */
 #define CW_STAT_LOST_OUTCOMES 5 /* denial ring full when a syscall's outcome was to be sent */
 #define CW_STAT_NR 8
 

@@ -250,7 +250,31 @@ class LoadedProgram:
         return sorted(out)
 
     def read_counts(self) -> dict[tuple[int, int, bool], int]:
-        """Exact counts by (cgroup id, capability, denied), summed over CPUs."""
+        """Exact counts by (cgroup id, capability, denied), summed over CPUs:
+        the count map plus each CPU's cache of its last cgroup (see the
+        comment on count_cache in bpf/capwatch.bpf.c for why this is exact)."""
+        import ctypes
+
+        cache = self._bpf[b"count_cache"]
+        zero = ctypes.c_int(0)
+        for _ in range(1000):
+            first = [(int(c.seq_head), int(c.seq_tail)) for c in cache[zero]]
+            out = self._read_hash()
+            second = cache[zero]
+            if all(
+                h == t == int(c.seq_head) == int(c.seq_tail)
+                for (h, t), c in zip(first, second, strict=True)
+            ):
+                for c in second:
+                    cg = int(c.cgroup_id)
+                    for i, n in enumerate(c.n):
+                        if n:
+                            key = (cg, i >> 1, bool(i & 1))
+                            out[key] = out.get(key, 0) + int(n)
+                return out
+        raise CapwatchError("the kernel's count caches kept flushing during 1,000 reads")
+
+    def _read_hash(self) -> dict[tuple[int, int, bool], int]:
         if self._batch is None:
             table = self._bpf[b"counts"]
             self._batch = _CountBatch(int(table.map_fd), int(table.max_entries))

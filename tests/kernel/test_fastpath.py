@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 
@@ -42,6 +43,43 @@ class TestCounts:
             counts = prog.read_counts()
         assert n == counts.get((cgroup.id, CAP_SETUID, False))
         assert (cgroup.id, CAP_SETUID, True) not in counts
+
+    def test_counts_exact_across_cache_flushes(self) -> None:
+        """Two cgroups' checks interleaved on both CPUs (the per-CPU cache flushes on every switch),
+        read continuously while they run: every read is monotonic, the last is exact."""
+        n = 100_000
+        cg1, cg2 = TempCgroup(), TempCgroup()
+        try:
+            with load(ProgramConfig()) as prog:
+                a = Child("setuid", n, cgroup=cg1)
+                b = Child("setuid", n, cgroup=cg2)
+                seen: list[tuple[int, int]] = []
+                done = threading.Event()
+
+                def reader() -> None:
+                    while not done.is_set():
+                        c = prog.read_counts()
+                        seen.append(
+                            (
+                                c.get((cg1.id, CAP_SETUID, False), 0),
+                                c.get((cg2.id, CAP_SETUID, False), 0),
+                            )
+                        )
+
+                t = threading.Thread(target=reader)
+                t.start()
+                a.go()
+                b.go()
+                assert (n, n) == (a.wait(), b.wait())
+                done.set()
+                t.join()
+                final = prog.read_counts()
+        finally:
+            cg1.remove()
+            cg2.remove()
+        assert (n, n) == (final[(cg1.id, CAP_SETUID, False)], final[(cg2.id, CAP_SETUID, False)])
+        assert len(seen) > 3
+        assert all(x[0] <= y[0] and x[1] <= y[1] for x, y in itertools.pairwise(seen))
 
     def test_denials_counted_even_when_rate_limited(self, cgroup: TempCgroup) -> None:
         """A denial loop beyond the rate limit: every denial is counted; the ring gets a bounded
@@ -117,7 +155,9 @@ class TestFlood:
 def _links(tp: str) -> int:
     import subprocess
 
-    out = subprocess.run(["bpftool", "link", "show"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bpftool", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
     return out.count(f"tp '{tp}'")
 
 
