@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print measured figures (medians, ratios to a baseline in the same run)."""
