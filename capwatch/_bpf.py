@@ -164,7 +164,10 @@ def _reason(exc: BaseException, stderr: list[str]) -> str:
     if detail and detail[-1] not in msg:
         msg = f"{msg}: {detail[-1]}"
     if "Need super-user" in msg or "Operation not permitted" in msg:
-        msg += " (the kernel refused to load it: EPERM)"
+        msg += (
+            " (the kernel refused to load it: EPERM; in a container, a seccomp profile"
+            " that blocks bpf(2) gives the same error)"
+        )
     return msg
 
 

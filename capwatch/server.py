@@ -76,5 +76,7 @@ class MetricsServer:
         self._thread.start()
 
     def close(self) -> None:
-        self.httpd.shutdown()
+        # shutdown() waits for serve_forever() to notice: only if it ever ran.
+        if self._thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()

@@ -24,7 +24,7 @@ say() { printf 'host-setup: %s\n' "$*"; }
 pkgs=(python3-bpfcc bpfcc-tools python3-venv python3-numpy libcap2-bin util-linux bpftool)
 if [ "$test_deps" = 1 ]; then
   # real containers, a real Prometheus, and a peer for the benchmark
-  pkgs+=(podman runc busybox-static prometheus bpftrace clang-format)
+  pkgs+=(podman runc busybox-static prometheus bpftrace clang-format debootstrap iproute2)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

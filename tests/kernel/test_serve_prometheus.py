@@ -240,3 +240,30 @@ class TestServeEndpoints:
             ["bpftool", "link", "show"], capture_output=True, text=True, check=True
         ).stdout.count("cap_capable")
         assert before - 1 == after
+
+
+def test_serve_attach_failure_exits() -> None:
+    """serve with a hook the kernel lacks: one line, exit 1, promptly (no hang on the bound socket)."""
+    require_root()
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "capwatch.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--attach",
+            "kprobe",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    )
+    assert 1 == r.returncode
+    assert 1 == len(r.stderr.splitlines()), r.stderr
+    assert r.stderr.startswith("capwatch: attach mode kprobe failed")
+    assert time.monotonic() - t0 < 10
