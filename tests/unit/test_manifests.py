@@ -1,0 +1,629 @@
+"""deploy/: the kustomize overlays build, every object validates offline, and the
+DaemonSet has what a node agent needs.
+
+* Core kinds validate against the Kubernetes OpenAPI schemas shipped inside the
+  ``kubernetes-validate`` package (no network), strictly (unknown fields fail).
+* ServiceMonitor and PrometheusRule are Prometheus Operator CRDs, absent from
+  those schemas: they validate against JSON schemas written below from the
+  operator's documented fields (monitoring.coreos.com/v1 API reference).
+* Overlays are built with ``kubectl kustomize`` (or a ``kustomize`` binary).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+KUBE = DEPLOY / "kubernetes"
+OVERLAYS = ("privileged", "least-privilege")
+CRD_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
+#: Oldest Kubernetes release still commonly run, and the newest the package knows.
+K8S_VERSIONS = ("1.28", kubernetes_validate.latest_version())
+PORT = 9649
+
+
+# --- building -----------------------------------------------------------------
+
+
+def _kustomize_cmd() -> list[str] | None:
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    return None
+
+
+@cache
+def build(overlay: str) -> tuple[dict[str, Any], ...]:
+    cmd = _kustomize_cmd()
+    if cmd is None:
+        pytest.skip("neither kubectl nor kustomize is installed: cannot build the overlays")
+    r = subprocess.run(
+        [*cmd, str(KUBE / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 0 == r.returncode, r.stderr
+    return tuple(d for d in yaml.safe_load_all(r.stdout) if d)
+
+
+def by_kind(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert 1 == len(found), f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(overlay: str) -> dict[str, Any]:
+    spec: dict[str, Any] = by_kind(build(overlay), "DaemonSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(overlay: str) -> dict[str, Any]:
+    c: dict[str, Any] = pod_spec(overlay)["containers"][0]
+    return c
+
+
+# --- CRD schemas (written from the Prometheus Operator API reference) ---------
+
+_DURATION = (
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": _STR_MAP,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+_RELABEL = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "separator": {"type": "string"},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "modulus": {"type": "integer"},
+        "replacement": {"type": "string"},
+        "action": {
+            "enum": [
+                *(a for b in ("replace", "keep", "drop", "hashmod", "labelmap", "labeldrop")
+                  for a in (b, b.capitalize())),
+                *(a for b in ("labelkeep", "lowercase", "uppercase", "keepequal", "dropequal")
+                  for a in (b, b.capitalize())),
+            ]
+        },
+    },
+}  # fmt: skip
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": _STR_MAP,
+        "annotations": _STR_MAP,
+    },
+}
+SERVICEMONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "targetLabels": {"type": "array", "items": {"type": "string"}},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "selector": _LABEL_SELECTOR,
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "sampleLimit": {"type": "integer", "minimum": 0},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "targetPort": {"type": ["string", "integer"]},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "params": {"type": "object"},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "scrapeTimeout": {"type": "string", "pattern": _DURATION},
+                            "honorLabels": {"type": "boolean"},
+                            "honorTimestamps": {"type": "boolean"},
+                            "relabelings": {"type": "array", "items": _RELABEL},
+                            "metricRelabelings": {"type": "array", "items": _RELABEL},
+                            "tlsConfig": {"type": "object"},
+                            "bearerTokenSecret": {"type": "object"},
+                            "authorization": {"type": "object"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["expr"],
+    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+    "properties": {
+        "record": {"type": "string", "pattern": r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
+        "alert": {"type": "string", "minLength": 1},
+        "expr": {"type": ["string", "integer"]},
+        "for": {"type": "string", "pattern": _DURATION},
+        "keep_firing_for": {"type": "string", "pattern": _DURATION},
+        "labels": _STR_MAP,
+        "annotations": _STR_MAP,
+    },
+}
+PROMETHEUSRULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "query_offset": {"type": "string", "pattern": _DURATION},
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "labels": _STR_MAP,
+                            "rules": {"type": "array", "items": _RULE},
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+CRD_SCHEMAS = {"ServiceMonitor": SERVICEMONITOR_SCHEMA, "PrometheusRule": PROMETHEUSRULE_SCHEMA}
+
+
+# --- tests --------------------------------------------------------------------
+
+
+class TestKustomizeBuild:
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_overlay_builds_every_object(self, overlay: str) -> None:
+        """Each overlay builds and yields the full set of objects, once each."""
+        kinds = sorted(d["kind"] for d in build(overlay))
+        assert [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "DaemonSet",
+            "Namespace",
+            "PrometheusRule",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor",
+        ] == kinds
+
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_namespaced_objects_live_in_capwatch(self, overlay: str) -> None:
+        """Everything but the cluster-scoped kinds is in the capwatch namespace."""
+        cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+        namespaces = {
+            d["metadata"].get("namespace")
+            for d in build(overlay)
+            if d["kind"] not in cluster_scoped
+        }
+        assert {"capwatch"} == namespaces
+
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_image_tag_is_the_project_version(self, overlay: str) -> None:
+        """The image tag follows pyproject's version (an upgrade bumps both)."""
+        version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+        assert f"capwatch:{version}" == container(overlay)["image"]
+
+
+class TestKubernetesSchemas:
+    @pytest.mark.parametrize("version", K8S_VERSIONS)
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_core_objects_validate_strictly(self, overlay: str, version: str) -> None:
+        """Every non-CRD object validates against the offline schemas, unknown fields refused."""
+        for doc in build(overlay):
+            if doc["kind"] not in CRD_KINDS:
+                kubernetes_validate.validate(doc, version, strict=True)
+
+    @pytest.mark.parametrize(
+        ("path", "value"),
+        [
+            (("spec", "template", "spec", "containers", 0, "ports", 0, "containerPort"), "9649"),
+            (("spec", "template", "spec", "hostPid"), True),  # misspelt field
+            (("spec", "template", "spec", "tolerations", 0, "operator"), 7),
+        ],
+    )
+    def test_a_broken_daemonset_is_refused(self, path: tuple[Any, ...], value: Any) -> None:
+        """The validation bites: a wrong type or an unknown field fails."""
+        import copy
+
+        doc = copy.deepcopy(by_kind(build("privileged"), "DaemonSet"))
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+class TestCrdShapes:
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    @pytest.mark.parametrize("kind", sorted(CRD_KINDS))
+    def test_crd_objects_match_the_documented_fields(self, overlay: str, kind: str) -> None:
+        """ServiceMonitor and PrometheusRule match schemas written from the operator's docs."""
+        jsonschema.validate(by_kind(build(overlay), kind), CRD_SCHEMAS[kind])
+
+    @pytest.mark.parametrize(
+        ("kind", "mutate"),
+        [
+            ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(intervall="30s")),
+            ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0].update(interval="30 s")),
+            ("ServiceMonitor", lambda d: d["spec"].pop("selector")),
+            ("PrometheusRule", lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr")),
+            (
+                "PrometheusRule",
+                lambda d: d["spec"]["groups"][1]["rules"][0].update(record="x:y"),
+            ),  # both alert and record
+            ("PrometheusRule", lambda d: d["spec"]["groups"][1]["rules"][0].update(**{"for": "5"})),
+        ],
+    )
+    def test_the_crd_schemas_bite(self, kind: str, mutate: Any) -> None:
+        """Misspelt fields, bad durations, missing required fields are refused."""
+        import copy
+
+        doc = copy.deepcopy(by_kind(build("privileged"), kind))
+        mutate(doc)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, CRD_SCHEMAS[kind])
+
+    def test_prometheusrule_is_the_alerting_helpers_file(self) -> None:
+        """base/prometheusrule.yaml is a byte-for-byte copy of deploy/prometheus/prometheusrule.yaml.
+
+        kustomize refuses files outside a kustomization's directory, hence the copy.
+        """
+        source = (DEPLOY / "prometheus" / "prometheusrule.yaml").read_bytes()
+        assert source == (KUBE / "base" / "prometheusrule.yaml").read_bytes()
+
+
+class TestDaemonSet:
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_node_name_comes_from_the_downward_api(self, overlay: str) -> None:
+        """NODE_NAME is spec.nodeName."""
+        env = {e["name"]: e for e in container(overlay)["env"]}
+        assert {"fieldRef": {"fieldPath": "spec.nodeName"}} == env["NODE_NAME"]["valueFrom"]
+
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_tolerates_every_taint(self, overlay: str) -> None:
+        """A toleration with operator Exists and no key matches every taint."""
+        assert {"operator": "Exists"} in pod_spec(overlay)["tolerations"]
+
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_requests_and_limits_are_set_and_ordered(self, overlay: str) -> None:
+        """cpu and memory have requests no larger than their limits."""
+        res = container(overlay)["resources"]
+        for what in ("cpu", "memory"):
+            assert _quantity(res["requests"][what]) <= _quantity(res["limits"][what])
+
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    @pytest.mark.parametrize("probe", ["startupProbe", "livenessProbe", "readinessProbe"])
+    def test_probes_hit_healthz_on_the_metrics_port(self, overlay: str, probe: str) -> None:
+        """Every probe is an HTTP GET of /healthz on the port capwatch listens on."""
+        c = container(overlay)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        get = c[probe]["httpGet"]
+        assert ("/healthz", PORT) == (get["path"], ports.get(get["port"], get["port"]))
+
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_arguments_match_ports_and_mounts(self, overlay: str) -> None:
+        """--listen is on all addresses at the container port; --proc-root is the host /proc mount."""
+        c = container(overlay)
+        assert ["--listen=0.0.0.0:9649", "--proc-root=/host/proc"] == c["args"]
+        assert [PORT] == [p["containerPort"] for p in c["ports"]]
+
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_host_pid_namespace(self, overlay: str) -> None:
+        """hostPID: pids from the kernel are the pids under /host/proc; no host network."""
+        spec = pod_spec(overlay)
+        assert (True, None) == (spec.get("hostPID"), spec.get("hostNetwork"))
+
+    @pytest.mark.parametrize(
+        ("host_path", "mount_path", "read_only"),
+        [
+            ("/sys/kernel/tracing", "/sys/kernel/tracing", {"privileged": None, "least-privilege": True}),
+            ("/sys/kernel/debug", "/sys/kernel/debug", {"privileged": None, "least-privilege": True}),
+            ("/sys/fs/cgroup", "/sys/fs/cgroup", True),
+            ("/proc", "/host/proc", True),
+            ("/lib/modules", "/host/lib/modules", True),
+            ("/usr/src", "/host/usr/src", True),
+        ],
+    )  # fmt: skip
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_host_mounts(
+        self, overlay: str, host_path: str, mount_path: str, read_only: Any
+    ) -> None:
+        """Each host directory capwatch reads is mounted where it looks, read-only where it can be."""
+        expected_ro = read_only[overlay] if isinstance(read_only, dict) else read_only
+        spec = pod_spec(overlay)
+        vols = {v["name"]: v.get("hostPath", {}).get("path") for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+        m = mounts[mount_path]
+        assert (host_path, expected_ro) == (vols[m["name"]], m.get("readOnly"))
+
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_writable_dirs_are_empty_dirs(self, overlay: str) -> None:
+        """/run/capwatch (CAPWATCH_WORK_DIR) and /tmp are emptyDirs, so the root can be read-only."""
+        spec = pod_spec(overlay)
+        empty = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        c = spec["containers"][0]
+        mounted = {m["mountPath"] for m in c["volumeMounts"] if m["name"] in empty}
+        work = {e["name"]: e.get("value") for e in c["env"]}["CAPWATCH_WORK_DIR"]
+        assert ({"/run/capwatch", "/tmp"}, "/run/capwatch") == (mounted, work)
+
+
+class TestWiring:
+    def test_service_selects_the_pods_and_names_the_port(self) -> None:
+        """The Service selects the DaemonSet's pods and targets its metrics port by name."""
+        docs = build("privileged")
+        svc, ds = by_kind(docs, "Service"), by_kind(docs, "DaemonSet")
+        pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+        port_names = {p["name"] for p in ds["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+
+    def test_servicemonitor_scrapes_the_service_as_job_capwatch(self) -> None:
+        """The ServiceMonitor selects the Service, its port, and yields job="capwatch" for the alerts."""
+        docs = build("privileged")
+        svc, sm = by_kind(docs, "Service"), by_kind(docs, "ServiceMonitor")
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert svc["metadata"]["namespace"] in sm["spec"]["namespaceSelector"]["matchNames"]
+        assert {e["port"] for e in sm["spec"]["endpoints"]} <= {
+            p["name"] for p in svc["spec"]["ports"]
+        }
+        job = svc["metadata"]["labels"][sm["spec"]["jobLabel"]]
+        rules = yaml.safe_dump(by_kind(docs, "PrometheusRule")["spec"])
+        assert ("capwatch", True) == (job, 'job="capwatch"' in rules)
+
+    def test_rbac_reads_pods_only_for_the_daemonset_account(self) -> None:
+        """The ClusterRole allows get/list/watch on pods, bound to the DaemonSet's account."""
+        docs = build("privileged")
+        role, binding = by_kind(docs, "ClusterRole"), by_kind(docs, "ClusterRoleBinding")
+        sa, ds = by_kind(docs, "ServiceAccount"), by_kind(docs, "DaemonSet")
+        assert [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+        ] == role["rules"]
+        assert role["metadata"]["name"] == binding["roleRef"]["name"]
+        subject = {
+            "kind": "ServiceAccount",
+            "name": sa["metadata"]["name"],
+            "namespace": "capwatch",
+        }
+        assert [subject] == binding["subjects"]
+        assert sa["metadata"]["name"] == ds["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+class TestSecurityVariants:
+    def test_privileged(self) -> None:
+        """The privileged overlay runs privileged as root."""
+        assert {"privileged": True, "runAsUser": 0} == container("privileged")["securityContext"]
+
+    def test_least_privilege(self) -> None:
+        """drop ALL, add BPF and PERFMON only, read-only root, no escalation, uid 0."""
+        sc = container("least-privilege")["securityContext"]
+        assert {
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "capabilities": {"drop": ["ALL"], "add": ["BPF", "PERFMON"]},
+            "seccompProfile": {"type": "Unconfined"},
+        } == sc
+
+    def test_each_added_capability_says_why(self) -> None:
+        """Every capability the least-privilege overlay adds carries a comment on its line."""
+        text = (KUBE / "overlays" / "least-privilege" / "kustomization.yaml").read_text()
+        added = container("least-privilege")["securityContext"]["capabilities"]["add"]
+        commented = set(re.findall(r"^\s*- ([A-Z_]+)\s+#\s*\S", text, re.MULTILINE))
+        assert added
+        assert set() == set(added) - commented
+
+
+class _Entrypoint:
+    """Runs deploy/entrypoint.sh against a fake host tree with a fake capwatch."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.fake = tmp / "fake-capwatch"
+        self.fake.write_text(
+            '#!/bin/sh\necho "HEADERS=${CAPWATCH_KERNEL_HEADERS:-}"\nfor a; do echo "$a"; done\n'
+        )
+        self.fake.chmod(0o755)
+        self.host = tmp / "host"
+        self.host.mkdir()
+
+    def __call__(self, *args: str, env: dict[str, str] | None = None) -> tuple[str, list[str]]:
+        """(CAPWATCH_KERNEL_HEADERS as capwatch would see it, capwatch's argv)."""
+        full_env = {
+            "PATH": os.environ["PATH"],
+            "CAPWATCH_BIN": str(self.fake),
+            "CAPWATCH_HOST_ROOT": str(self.host),
+            "CAPWATCH_KERNEL_RELEASE": "6.1.0-56-amd64",
+            **(env or {}),
+        }
+        r = subprocess.run(
+            ["sh", str(DEPLOY / "entrypoint.sh"), *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=10,
+            check=True,
+        )
+        lines = r.stdout.splitlines()
+        return lines[0].removeprefix("HEADERS="), lines[1:]
+
+
+class TestEntrypoint:
+    """deploy/entrypoint.sh: host header lookup under /host and the command line."""
+
+    @pytest.fixture
+    def run(self, tmp_path: Path) -> _Entrypoint:
+        return _Entrypoint(tmp_path)
+
+    @staticmethod
+    def _tree(d: Path) -> None:
+        (d / "include" / "linux").mkdir(parents=True)
+        (d / "include" / "linux" / "kconfig.h").touch()
+
+    @pytest.mark.parametrize(
+        ("args", "expected"),
+        [
+            ((), ["serve"]),
+            (("--listen=0.0.0.0:9649",), ["serve", "--listen=0.0.0.0:9649"]),
+            (("decode", "0x1"), ["decode", "0x1"]),
+            (("doctor",), ["doctor"]),
+            (("--version",), ["--version"]),
+        ],
+    )
+    def test_command_line(
+        self, run: _Entrypoint, args: tuple[str, ...], expected: list[str]
+    ) -> None:
+        """No arguments or options run serve; a command runs that command."""
+        assert expected == run(*args)[1]
+
+    def test_debian_split_tree_via_absolute_link(self, run: _Entrypoint) -> None:
+        """build -> /usr/src/linux-headers-X-amd64 (absolute on the host) is re-rooted under /host."""
+        host = run.host
+        src = host / "usr/src"
+        (src / "linux-headers-6.1.0-56-amd64" / "include" / "generated").mkdir(parents=True)
+        self._tree(src / "linux-headers-6.1.0-56-common")
+        mod = host / "lib/modules/6.1.0-56-amd64"
+        mod.mkdir(parents=True)
+        (mod / "build").symlink_to("/usr/src/linux-headers-6.1.0-56-amd64")
+        assert str(src / "linux-headers-6.1.0-56-amd64") == run()[0]
+
+    def test_whole_tree_via_relative_link(self, run: _Entrypoint) -> None:
+        """A relative build link to a self-contained tree is followed."""
+        host = run.host
+        self._tree(host / "usr/src/kernels/6.1.0-56-amd64")
+        mod = host / "lib/modules/6.1.0-56-amd64"
+        mod.mkdir(parents=True)
+        (mod / "build").symlink_to("../../../usr/src/kernels/6.1.0-56-amd64")
+        assert str(host / "usr/src/kernels/6.1.0-56-amd64") == os.path.normpath(run()[0])
+
+    @pytest.mark.parametrize("layout", ["nothing", "modules-only", "dangling-link", "not-a-tree"])
+    def test_no_usable_host_tree_leaves_the_choice_to_capwatch(
+        self, run: _Entrypoint, layout: str
+    ) -> None:
+        """Without a usable host tree nothing is set, so capwatch falls back to the shipped one."""
+        host = run.host
+        mod = host / "lib/modules/6.1.0-56-amd64"
+        if layout != "nothing":
+            mod.mkdir(parents=True)
+        if layout == "dangling-link":
+            (mod / "build").symlink_to("/usr/src/linux-headers-6.1.0-56-amd64")
+        if layout == "not-a-tree":
+            (host / "usr/src/linux-headers-6.1.0-56-amd64").mkdir(parents=True)
+            (mod / "build").symlink_to("/usr/src/linux-headers-6.1.0-56-amd64")
+        assert "" == run()[0]
+
+    def test_user_setting_wins(self, run: _Entrypoint) -> None:
+        """A CAPWATCH_KERNEL_HEADERS given by the user is passed through untouched."""
+        host = run.host
+        self._tree(host / "usr/src/kernels/x")
+        (host / "lib/modules/6.1.0-56-amd64").mkdir(parents=True)
+        (host / "lib/modules/6.1.0-56-amd64/build").symlink_to("/usr/src/kernels/x")
+        assert "/mine" == run(env={"CAPWATCH_KERNEL_HEADERS": "/mine"})[0]
+
+
+class TestImageDefinition:
+    @pytest.mark.parametrize("package", ["python3-bpfcc", "python3-venv", "python3-numpy"])
+    def test_image_and_offline_rootfs_install_the_same_packages(self, package: str) -> None:
+        """deploy/Containerfile and deploy/build-rootfs.sh install the same Debian packages."""
+        containerfile = (DEPLOY / "Containerfile").read_text()
+        script = (DEPLOY / "build-rootfs.sh").read_text()
+        assert (True, True) == (package in containerfile, package in script)
+
+    def test_both_unpack_the_split_header_pair_and_install_the_entrypoint(self) -> None:
+        """Both unpack linux-headers-X + -common keeping /lib a symlink, and ship the entrypoint."""
+        for text in (
+            (DEPLOY / "Containerfile").read_text(),
+            (DEPLOY / "build-rootfs.sh").read_text(),
+        ):
+            assert "--keep-directory-symlink" in text
+            assert "-common" in text
+            assert "/usr/local/bin/capwatch-entrypoint" in text
+
+    @pytest.mark.parametrize(
+        ("shell", "script"), [("bash", "build-rootfs.sh"), ("sh", "entrypoint.sh")]
+    )
+    def test_scripts_parse(self, shell: str, script: str) -> None:
+        """The shell scripts are syntactically valid for the shell that runs them."""
+        r = subprocess.run(
+            [shell, "-n", str(DEPLOY / script)], capture_output=True, text=True, check=False
+        )
+        assert (0, "") == (r.returncode, r.stderr)
+
+
+_UNITS = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9}
+
+
+def _quantity(q: str | int) -> float:
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
+    assert m, q
+    return float(m.group(1)) * _UNITS.get(m.group(2), 1.0)
