@@ -33,7 +33,7 @@ done
 kver=$(uname -r)
 need_headers=0
 [ -e "/lib/modules/$kver/build/include/linux/kconfig.h" ] || need_headers=1
-if [ "$need_headers" = 1 ] && ! ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1; then
+if [ "$need_headers" = 1 ] && ! compgen -G '/usr/src/linux-headers-*-amd64' >/dev/null; then
   missing+=(linux-headers-amd64)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
@@ -50,7 +50,7 @@ fi
 #    capwatch's BPF program reads no kernel struct layout, so a tree from
 #    another kernel version serves (checked on 6.18 with 6.1 headers).
 if [ "$need_headers" = 1 ]; then
-  arch_dir=$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n 1)
+  arch_dir=$(printf '%s\n' /usr/src/linux-headers-*-amd64 | sort -V | tail -n 1)
   common_dir="${arch_dir%-amd64}-common"
   mkdir -p "/lib/modules/$kver"
   ln -sfn "$arch_dir" "/lib/modules/$kver/build"
