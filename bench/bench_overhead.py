@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=2,
         help="re-run a variant whose run was disturbed (another tracer attached to"
-        f" cap_capable, or the workload had under {MIN_CPU_SHARE:.0%} of CPU 0)",
+        f" cap_capable, or the workload had under {MIN_CPU_SHARE * 100:.0f} percent of CPU 0)",
     )
     ap.add_argument("--json", type=Path, help="also write every run's figures here")
     ap.add_argument(

@@ -53,7 +53,7 @@ struct task_struct;
  * between them records are submitted with BPF_RB_NO_WAKEUP so that batches
  * grow under load (the consumer also drains on a short timer). */
 #ifndef CW_WAKE_EVERY
-#define CW_WAKE_EVERY 256
+#define CW_WAKE_EVERY 2048
 #endif
 
 /* Denials and other checks go to separate rings so that a flood of allowed

@@ -41,7 +41,7 @@ event at 1.3 M events/s). :meth:`RingReader.wait` therefore registers
 edge-triggered (EPOLLET) and returns on the kernel's wake-ups only.
 
 capwatch submits allowed checks with BPF_RB_NO_WAKEUP and forces a wake-up
-every CW_WAKE_EVERY (256) records; denials use the default policy. So the
+every CW_WAKE_EVERY (2048) records; denials use the default policy. So the
 contract for callers is: ``wait(timeout_ms)`` with a short timeout (say 50 ms),
 then one ``read_batch()`` *whether or not wait returned True*: up to 255
 allowed checks can sit in the ring without a wake-up, and a record committed
