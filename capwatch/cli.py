@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -309,14 +308,6 @@ def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
 # --- trace ------------------------------------------------------------------
 
 
-def _install_stop(stop: threading.Event) -> None:
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch import _bpf
     from capwatch.containers import Attributor
@@ -324,7 +315,7 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch.outcome import OutcomeJoiner
     from capwatch.recent import RecentDenials, with_caps
     from capwatch.render import Clock, JsonWriter, TableWriter, to_record
-    from capwatch.session import Session
+    from capwatch.session import Session, stop_on_signals
     from capwatch.workloads import HoldQueue, WorkloadFilter, make_identity
 
     keep = WorkloadFilter(
@@ -341,7 +332,7 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         check_pages=args.ring_pages,
     )
     stop = threading.Event()
-    _install_stop(stop)
+    stop_on_signals(stop)
     session = Session(config, args.attach, kernel_headers=args.kernel_headers)
     what = "every check" if args.all else "distinct checks" if args.unique else "denials"
     err.write(

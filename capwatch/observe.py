@@ -30,7 +30,7 @@ from capwatch.events import Batch, Event, events_from_batch
 from capwatch.explain import DenialFacts, Explanation, explain
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
-from capwatch.session import Session
+from capwatch.session import Session, stop_on_signals
 from capwatch.syscalls import syscall_name
 
 __all__ = ["Target", "run_advise", "run_explain"]
@@ -209,7 +209,7 @@ def _observe(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[_Co
             timer = threading.Timer(args.duration, stop.set)
             timer.daemon = True
             timer.start()
-        _stop_on_signals(stop)
+        stop_on_signals(stop)
         session.run(stop, col.on_batch, on_tick=lambda: col.joiner.expire(time.monotonic_ns()))
         col.joiner.flush()
     except BaseException:
@@ -229,16 +229,6 @@ def _observe(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[_Co
             f"capwatch: {target.argv[0] if target.argv else ''} exited with {child.returncode}\n"
         )
     return col, time.monotonic() - t0
-
-
-def _stop_on_signals(stop: threading.Event) -> None:
-    import signal
-
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _explanations(col: _Collector) -> list[Explanation]:

@@ -27,7 +27,7 @@ from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
 from capwatch.render import Clock
 from capwatch.server import MetricsServer, parse_listen
-from capwatch.session import Session
+from capwatch.session import Session, stop_on_signals
 from capwatch.syscalls import syscall_name
 from capwatch.workloads import HoldQueue
 
@@ -120,16 +120,6 @@ class DenialPipeline:
         )
 
 
-def _install_stop(stop: threading.Event) -> None:
-    import signal
-
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def run_serve(args: Any, out: TextIO) -> int:
     from capwatch import _privs
     from capwatch.k8s import K8sConfigError, PodWatcher
@@ -146,7 +136,7 @@ def run_serve(args: Any, out: TextIO) -> int:
     host, port = parse_listen(args.listen)
     node = args.node or os.environ.get("NODE_NAME") or platform.node()
     stop = threading.Event()
-    _install_stop(stop)
+    stop_on_signals(stop)
 
     session: Session | None = None
     holder: dict[str, Any] = {}

@@ -16,7 +16,18 @@ from capwatch._ringbuf import RingReader
 from capwatch.events import Batch
 from capwatch.tracer import BatchSource
 
-__all__ = ["Session"]
+__all__ = ["Session", "stop_on_signals"]
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGINT and SIGTERM set ``stop``: the loop drains, detaches and exits cleanly."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 class Session:

@@ -33,6 +33,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, require_root
+from tests.kernel.podman import NO_SECCOMP, busybox_rootfs, require_podman
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -103,7 +104,7 @@ def _manifest_mounts(*, least_privilege: bool, headers: bool) -> list[str]:
 def _least_privilege_args(*, seccomp_unconfined: bool = True) -> list[str]:
     args = ["--cap-drop=ALL", "--cap-add=" + ",".join(_least_privilege_caps()), "--read-only"]
     if seccomp_unconfined:  # as the overlay's seccompProfile: Unconfined
-        args += ["--security-opt", "seccomp=unconfined"]
+        args += list(NO_SECCOMP)
     return args
 
 
@@ -218,13 +219,8 @@ def rootfs() -> Path:
 
 @pytest.fixture(scope="session")
 def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        pytest.fail("busybox-static is not installed (deploy/host-setup.sh installs it)")
-    root = tmp_path_factory.mktemp("busybox-root")
-    (root / "bin").mkdir()
-    shutil.copy2(busybox, root / "bin" / "busybox")
-    return root
+    require_podman()
+    return busybox_rootfs(tmp_path_factory.mktemp("busybox-root"))
 
 
 def _serve(rootfs: Path, security: list[str], mounts: list[str]) -> Served:
@@ -281,7 +277,7 @@ def _run_victim(busybox_root: Path) -> Victim:
     name = f"capwatch-victim-{secrets.token_hex(4)}"
     cid = _podman(
         "create", "--name", name, *ULIMITS, "--cap-drop=SYS_TIME",
-        "--security-opt", "seccomp=unconfined", "--rootfs", str(busybox_root),
+        *NO_SECCOMP, "--rootfs", str(busybox_root),
         "/bin/busybox", "sh", "-c", "/bin/busybox date -s 2020-01-01; /bin/busybox sleep 2",
     ).stdout.strip()  # fmt: skip
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.podman import (
+    NO_SECCOMP,
     busybox_rootfs,
     new_name,
     podman_id,
@@ -18,12 +19,6 @@ from tests.kernel.podman import (
 from tests.kernel.tracing import TraceProcess, run_denied_date
 
 pytestmark = [pytest.mark.kernel, pytest.mark.container]
-
-# podman's default seccomp profile refuses clock_settime and friends with
-# EPERM before the kernel ever checks CAP_SYS_TIME (the filter allows them only
-# when SYS_TIME is granted): no capability check happens at all. Tests that
-# need the check run without the filter; README's "seccomp" note says so.
-NO_SECCOMP = ("--security-opt", "seccomp=unconfined")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +42,14 @@ class TestContainerDenials:
         name = new_name()
         names.append(name)
         with TraceProcess() as tr:
-            r = podman_run(rootfs, name, "sh", "-c", "date -s 2020-01-01; ifconfig nosuchdev0; exit 0",
-                           extra=NO_SECCOMP)
+            r = podman_run(
+                rootfs,
+                name,
+                "sh",
+                "-c",
+                "date -s 2020-01-01; ifconfig nosuchdev0; exit 0",
+                extra=NO_SECCOMP,
+            )
             host_pid = run_denied_date()
             events, err = tr.stop()
         assert "Operation not permitted" in r.stderr + r.stdout, r
@@ -59,7 +60,10 @@ class TestContainerDenials:
         t = by_cap["CAP_SYS_TIME"]
         # busybox sh runs the date applet in its own process (NOFORK): comm is sh
         assert ("clock_settime", "podman", name, name) == (
-            t["syscall"], t["runtime"], t["container_name"], t["container"],
+            t["syscall"],
+            t["runtime"],
+            t["container_name"],
+            t["container"],
         )
         m = by_cap["CAP_SYS_MODULE"]
         assert ("ifconfig", "ioctl", "podman") == (m["comm"], m["syscall"], m["runtime"])

@@ -12,10 +12,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, require_root, require_tool
-from tests.kernel.podman import RUN, busybox_rootfs, new_name, podman_rm, require_podman
+from tests.kernel.podman import NO_SECCOMP, RUN, busybox_rootfs, new_name, podman_rm, require_podman
 
 pytestmark = [pytest.mark.kernel]
-NO_SECCOMP = ("--security-opt", "seccomp=unconfined")  # see test_container_trace.py
 
 # A process that holds CAP_SYS_TIME permitted but clears it from its effective set,
 # then tries to set the clock (syscall settimeofday with the current time).

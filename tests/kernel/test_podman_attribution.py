@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from capwatch.containers import Attributor, ContainerNames
+from tests.kernel.podman import busybox_rootfs, require_podman
 
 pytestmark = pytest.mark.container
 
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -35,18 +34,9 @@ class Container:
 
 @pytest.fixture(scope="module")
 def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A busybox root filesystem: bin/busybox plus one relative symlink per applet."""
-    if shutil.which("podman") is None or not os.path.exists(BUSYBOX):
-        pytest.fail("podman and busybox-static must be installed (.ci/run installs them)")
-    root = tmp_path_factory.mktemp("busybox-rootfs")
-    bin_dir = root / "bin"
-    bin_dir.mkdir()
-    shutil.copy2(BUSYBOX, bin_dir / "busybox")
-    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True)
-    for applet in applets.stdout.split():
-        if applet != "busybox":
-            (bin_dir / applet).symlink_to("busybox")
-    return root
+    """A busybox root filesystem (tests/kernel/podman.py)."""
+    require_podman()
+    return busybox_rootfs(tmp_path_factory.mktemp("busybox-rootfs"))
 
 
 @pytest.fixture(scope="module")

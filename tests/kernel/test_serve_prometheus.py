@@ -16,10 +16,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, require_root
-from tests.kernel.podman import busybox_rootfs, new_name, podman_rm, podman_run, require_podman
+from tests.kernel.podman import (
+    NO_SECCOMP,
+    busybox_rootfs,
+    new_name,
+    podman_rm,
+    podman_run,
+    require_podman,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.container, pytest.mark.prometheus]
-NO_SECCOMP = ("--security-opt", "seccomp=unconfined")  # see test_container_trace.py
 
 
 def free_port() -> int:
