@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench._harness import Serve, free_port
 from tests.conftest import REPO, require_root
 from tests.kernel.podman import (
     NO_SECCOMP,
@@ -26,12 +26,6 @@ from tests.kernel.podman import (
 )
 
 pytestmark = [pytest.mark.kernel, pytest.mark.container, pytest.mark.prometheus]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str, timeout: float = 5) -> tuple[int, str]:
@@ -52,32 +46,6 @@ def wait_for(url: str, timeout: float = 30) -> None:
             pass
         time.sleep(0.2)
     pytest.fail(f"{url} did not come up in {timeout}s")
-
-
-class Serve:
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "capwatch.cli",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-        wait_for(f"http://127.0.0.1:{self.port}/healthz")
-
-    def stop(self) -> tuple[str, str]:
-        self.proc.send_signal(2)
-        out, err = self.proc.communicate(timeout=10)
-        return out, err
 
 
 @pytest.fixture
@@ -169,8 +137,8 @@ class TestPrometheus:
             wait_value(prometheus, 'sum(capwatch_events_lost_total{job="capwatch"})', 0)
         finally:
             podman_rm(name)
-        out, _ = serve.stop()
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        serve.stop()
+        lines = serve.log_lines()
         denials = [
             x
             for x in lines
