@@ -231,6 +231,22 @@ class CgroupResolver:
         """Return a copy of the current id -> path map."""
         return dict(self._paths)
 
+    def learn(self, cgroup_id: int, path: str) -> None:
+        """Record a path learnt elsewhere (a process's /proc/PID/cgroup): a cgroup
+        that lived shorter than a walk keeps its identity. If the directory is
+        already gone, it is dead from now on and forgotten after the TTL."""
+        with self._walk_lock:
+            if self._paths.get(cgroup_id) == path:
+                return
+            paths = dict(self._paths)
+            paths[cgroup_id] = path
+            alive = self.root is not None and os.path.isdir(
+                os.path.join(self.root, path.lstrip("/"))
+            )
+            if not alive:
+                self._dead_since.setdefault(cgroup_id, self.clock())
+            self._paths = paths
+
     def _due(self) -> bool:
         last = self._last_walk
         return last is None or self.clock() - last >= self._min_walk_interval

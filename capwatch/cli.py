@@ -372,7 +372,11 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     recent = RecentDenials(args.state_file)
     joiner = OutcomeJoiner(show_joined) if args.outcome else None
-    hold = HoldQueue(attributor.resolve, joiner.feed if joiner is not None else show)
+    hold = HoldQueue(
+        attributor.resolve,
+        joiner.feed if joiner is not None else show,
+        note_pid=attributor.note_pid,
+    )
 
     def tick() -> None:
         hold.flush()

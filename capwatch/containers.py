@@ -36,7 +36,9 @@ import structlog
 from capwatch.cgroups import (
     CgroupResolver,
     WalkResult,
+    cgroup_id_of_path,
     cgroup_id_of_pid,
+    cgroup_path_of_pid,
     find_cgroup2_mount,
 )
 
@@ -402,6 +404,7 @@ class Attributor:
         self._cache: dict[int, Workload] = {}
         self._lock = threading.RLock()
         self._pending: dict[int, float] = {}  # unresolved id -> time of its first miss
+        self._noted: set[int] = set()  # ids whose path was read from a pid (note_pid)
         self._owned: list[CgroupResolver | ContainerNames] = []
         if resolver is None:
             root = cgroup_root
@@ -433,6 +436,26 @@ class Attributor:
         if w is not None:
             return w
         return self._miss(cgroup_id)
+
+    def note_pid(self, cgroup_id: int, pid: int) -> None:
+        """An event of an unknown cgroup came from ``pid``: learn the cgroup's path
+        from /proc/PID/cgroup now (one small read, once per id), so that a
+        container that exits before the next walk is still attributed."""
+        if cgroup_id in self._noted or self.cgroup_root is None:
+            return
+        if len(self._noted) >= _MAX_UNRESOLVED:
+            self._noted.clear()
+        self._noted.add(cgroup_id)
+        path = cgroup_path_of_pid(pid, proc_root=self.proc_root)
+        if path is None:
+            return
+        found = cgroup_id_of_path(self.cgroup_root, path)
+        if found is not None and found != cgroup_id:
+            return  # the process moved since: the path is another cgroup's
+        self._resolver.learn(cgroup_id, path)
+        with self._lock:
+            self._pending.pop(cgroup_id, None)
+            self._cache.pop(cgroup_id, None)
 
     def cgroup_id_of_pid(self, pid: int | str) -> int | None:
         """The cgroup id of ``pid`` under this attributor's cgroup root (None if unknown)."""

@@ -49,6 +49,7 @@ class DenialPipeline:
         *,
         node: str,
         outcome: bool,
+        note_pid: Any = None,
         clock: Clock | None = None,
     ) -> None:
         self.resolve = resolve
@@ -58,7 +59,7 @@ class DenialPipeline:
         self.node = node
         self.clock = clock or Clock()
         # The log waits (at most 1 s, in order) for a new workload's name.
-        self.hold = HoldQueue(resolve, self._feed)
+        self.hold = HoldQueue(resolve, self._feed, note_pid=note_pid)
         self.joiner = OutcomeJoiner(self._denial) if outcome else None
 
     def on_batch(self, ring: str, batch: Batch) -> None:
@@ -206,7 +207,13 @@ def run_serve(args: Any, out: TextIO) -> int:
         collector.append(CapwatchCollector(state))
         denylog = DenialLog(out, interval=args.log_interval)
         pipeline = DenialPipeline(
-            attributor.resolve, policy, state, denylog, node=node, outcome=args.outcome
+            attributor.resolve,
+            policy,
+            state,
+            denylog,
+            node=node,
+            outcome=args.outcome,
+            note_pid=attributor.note_pid,
         )
         server.start()
         log.info("serving", listen=f"{host}:{server.port}", endpoints=["/metrics", "/healthz"])

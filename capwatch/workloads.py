@@ -102,6 +102,8 @@ class HoldQueue:
     background walk finds it, a new container its id until its name is read),
     so an event whose workload is not settled waits here, with everything
     behind it, for at most ``max_hold_s``; then it is shown as it is.
+    ``note_pid(cgroup_id, pid)`` (Attributor.note_pid) is told of events from
+    cgroups not walked yet.
     """
 
     def __init__(
@@ -111,9 +113,11 @@ class HoldQueue:
         *,
         max_hold_s: float = 1.0,
         k8s: bool = False,
+        note_pid: Callable[[int, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._resolve = resolve
+        self._note_pid = note_pid
         self._emit = emit
         self._max_hold = max_hold_s
         self._k8s = k8s
@@ -121,7 +125,13 @@ class HoldQueue:
         self._held: deque[tuple[float, Event]] = deque()
 
     def push(self, ev: Event) -> None:
-        if not self._held and is_settled(self._resolve(ev.cgroup_id), k8s=self._k8s):
+        w = self._resolve(ev.cgroup_id)
+        if w.cgroup_path is None and self._note_pid is not None:
+            # A cgroup not walked yet: its process tells its path now, in case
+            # it is gone before the walk (a container that ran for a moment).
+            self._note_pid(ev.cgroup_id, ev.pid)
+            w = self._resolve(ev.cgroup_id)
+        if not self._held and is_settled(w, k8s=self._k8s):
             self._emit(ev)
             return
         self._held.append((self._clock(), ev))

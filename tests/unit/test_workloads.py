@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
-from capwatch.containers import Workload, classify, unresolved
+from capwatch.containers import Attributor, Workload, classify, unresolved
 from capwatch.events import Event
 from capwatch.workloads import HoldQueue, WorkloadFilter, identity_of, is_settled
 
@@ -109,3 +110,38 @@ class TestHoldQueue:
         """A podman container whose name is not known yet is not settled."""
         assert not is_settled(classify(PODMAN_PATH, 7))
         assert is_settled(classify("/", 1))
+
+
+class TestNotePid:
+    def test_short_lived_cgroup_learnt_from_its_process(self, tmp_path: Path) -> None:
+        """A cgroup removed before any walk is still attributed: its process's
+        /proc/PID/cgroup gives the path (read once, when its first event comes)."""
+        root = tmp_path / "cgroup"
+        root.mkdir()
+        proc = tmp_path / "proc"
+        (proc / "42").mkdir(parents=True)
+        (proc / "42" / "cgroup").write_text(f"0::{PODMAN_PATH}\n")
+        a = Attributor(cgroup_root=str(root), proc_root=str(proc), names=False, background=False)
+        try:
+            out: list[Event] = []
+            q = HoldQueue(a.resolve, out.append, note_pid=a.note_pid)
+            q.push(ev(777, pid=42))
+            w = a.resolve(777)
+            assert ("podman", CID) == (w.runtime, w.container_id)
+            assert PODMAN_PATH == w.cgroup_path
+        finally:
+            a.close()
+
+    def test_moved_process_is_not_trusted(self, tmp_path: Path) -> None:
+        """If the process's current cgroup exists with another id, nothing is learnt."""
+        root = tmp_path / "cgroup"
+        (root / "other").mkdir(parents=True)
+        proc = tmp_path / "proc"
+        (proc / "42").mkdir(parents=True)
+        (proc / "42" / "cgroup").write_text("0::/other\n")
+        a = Attributor(cgroup_root=str(root), proc_root=str(proc), names=False, background=False)
+        try:
+            a.note_pid(999_999, 42)
+            assert a.resolve(999_999).cgroup_path is None
+        finally:
+            a.close()
