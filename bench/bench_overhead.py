@@ -180,6 +180,7 @@ def variants() -> list[Variant]:
             None,
         ),
         Capwatch(emit_all=False),
+        Capwatch(emit_all=False, outcome=True),
         Capwatch(emit_all=True),
         Bpftrace(raw=False),
         Bpftrace(raw=True),

@@ -281,14 +281,17 @@ def rate(received: int, last_event_ns: int, t0_ns: int) -> float | None:
 
 
 class Capwatch(ConsumerProcess):
-    def __init__(self, emit_all: bool) -> None:
+    def __init__(self, emit_all: bool, outcome: bool = False) -> None:
         super().__init__()
         self.emit_all = emit_all
+        self.outcome = outcome
         self.streams = emit_all
-        self.key = "cw-all" if emit_all else "cw-default"
+        self.key = "cw-all" if emit_all else "cw-outcome" if outcome else "cw-default"
         self.title = (
             "capwatch --all (every check to the ring, Session batches)"
             if emit_all
+            else "capwatch --outcome (default + a syscall-exit hook on every syscall)"
+            if outcome
             else "capwatch default (counts in the map, denials to the ring)"
         )
         self.ready_marker = "attach_s"
@@ -299,6 +302,7 @@ class Capwatch(ConsumerProcess):
             "-m",
             "bench.peers.capwatch_consumer",
             *(["--all"] if self.emit_all else []),
+            *(["--outcome"] if self.outcome else []),
             f"--cgroup-id={env.cgroup_id}",
             f"--cap={env.cap}",
         ]
