@@ -32,7 +32,9 @@ for p in "${pkgs[@]}"; do
 done
 kver=$(uname -r)
 need_headers=0
-[ -e "/lib/modules/$kver/build/include/linux/kconfig.h" ] || need_headers=1
+# A full tree, or Debian's split one (build = -amd64, source = -common).
+[ -e "/lib/modules/$kver/build/include/linux/kconfig.h" ] \
+  || [ -e "/lib/modules/$kver/source/include/linux/kconfig.h" ] || need_headers=1
 if [ "$need_headers" = 1 ] && ! compgen -G '/usr/src/linux-headers-*-amd64' >/dev/null; then
   missing+=(linux-headers-amd64)
 fi
