@@ -27,20 +27,10 @@ import urllib.request
 from pathlib import Path
 
 from bench._harness import Serve, free_port, machine
+from tests.kernel.podman import NO_SECCOMP, busybox_rootfs
+from tests.kernel.podman import RUN as PODMAN_RUN
 
-BUSYBOX = shutil.which("busybox") or "/bin/busybox"
-RUN = [
-    "podman",
-    "--runtime",
-    "runc",
-    "run",
-    "--ulimit",
-    "nofile=20000:20000",
-    "--ulimit",
-    "nproc=1000:1000",
-    "--security-opt",
-    "seccomp=unconfined",
-]
+RUN = [*PODMAN_RUN, *NO_SECCOMP]
 LOAD = r"""
 import os, time
 while True:
@@ -51,17 +41,7 @@ while True:
 
 
 def rootfs() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="capwatch-soak-rootfs-"))
-    (root / "bin").mkdir()
-    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    for applet in subprocess.run(
-        [BUSYBOX, "--list"], capture_output=True, text=True, check=True
-    ).stdout.split():
-        if applet != "busybox":
-            (root / "bin" / applet).symlink_to("busybox")
-    for d in ("etc", "tmp", "proc", "sys", "dev"):
-        (root / d).mkdir(exist_ok=True)
-    return root
+    return busybox_rootfs(Path(tempfile.mkdtemp(prefix="capwatch-soak-rootfs-")) / "root")
 
 
 class Prometheus:

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from capwatch.containers import Attributor, ContainerNames
-from tests.kernel.podman import busybox_rootfs, require_podman
+from tests.kernel.podman import RUN, busybox_rootfs, require_podman
 
 pytestmark = pytest.mark.container
-
 
 
 def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -39,27 +38,24 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return busybox_rootfs(tmp_path_factory.mktemp("busybox-rootfs"))
 
 
+def start_sleeper(rootfs: Path, name: str) -> None:
+    """A detached `sleep 30` container named ``name``."""
+    r = subprocess.run(
+        [*RUN, "-d", "--name", name, "--rootfs", str(rootfs), "sleep", "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 0 == r.returncode, r.stderr
+
+
 @pytest.fixture(scope="module")
 def container(rootfs: Path) -> Iterator[Container]:
     """A running `sleep 30` container, removed at the end."""
     name = f"capwatch-test-{secrets.token_hex(4)}"
     try:
-        podman(
-            "--runtime",
-            "runc",
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--ulimit",
-            "nofile=20000:20000",
-            "--ulimit",
-            "nproc=1000:1000",
-            "--rootfs",
-            str(rootfs),
-            "sleep",
-            "30",
-        )
+        start_sleeper(rootfs, name)
         out = podman("inspect", "--format", "{{.Id}} {{.State.Pid}}", name).stdout.split()
         yield Container(name=name, id=out[0], pid=int(out[1]))
     finally:
@@ -96,22 +92,7 @@ class TestPodmanAttribution:
         a = Attributor(min_walk_interval=0.05)
         name = f"capwatch-test-{secrets.token_hex(4)}"
         try:
-            podman(
-                "--runtime",
-                "runc",
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--ulimit",
-                "nofile=20000:20000",
-                "--ulimit",
-                "nproc=1000:1000",
-                "--rootfs",
-                str(rootfs),
-                "sleep",
-                "30",
-            )
+            start_sleeper(rootfs, name)
             cid, pid = podman("inspect", "--format", "{{.Id}} {{.State.Pid}}", name).stdout.split()
             cgroup_id = a.cgroup_id_of_pid(pid)
             assert cgroup_id is not None
