@@ -29,6 +29,7 @@ test-unit: setup
 lint: setup
 	$(VENV)/bin/ruff check capwatch tests bench
 	$(VENV)/bin/mypy
+	clang-format --dry-run -Werror bpf/*.c bpf/*.h
 
 bench: setup
 	$(PY) -m bench.bench_overhead $(ARGS)

@@ -14,20 +14,21 @@
 #define CW_F_OPTS_KNOWN 0x08   /* the hook exposes opts: the two bits above mean something */
 #define CW_F_USERNS 0x10       /* checked in a user namespace other than the initial one */
 #define CW_F_USERNS_KNOWN 0x20 /* the initial namespace was known when this was recorded */
-#define CW_F_OUTCOME 0x40      /* not a check: the return value (ret) of the syscall in which
-                                  this thread's preceding denials happened (--outcome) */
+/* Not a check: the return value (ret) of the syscall in which this thread's
+ * preceding denials happened (--outcome). */
+#define CW_F_OUTCOME 0x40
 
 struct cw_event {
-	__u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
-	__u64 cgroup_id;      /* cgroup v2 id: inode of the cgroup directory */
-	__u32 pid;            /* thread group id */
+	__u64 ts_ns;	 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cgroup_id; /* cgroup v2 id: inode of the cgroup directory */
+	__u32 pid;	 /* thread group id */
 	__u32 tid;
-	__u32 uid;            /* real uid, from bpf_get_current_uid_gid() */
+	__u32 uid; /* real uid, from bpf_get_current_uid_gid() */
 	__s32 cap;
-	__s32 syscall_nr;     /* syscall the task is in, -1 if unknown */
-	__s32 ret;            /* cap_capable's return: 0 or -EPERM */
-	__u32 flags;          /* CW_F_* */
-	__u32 suppressed;     /* denials of this (pid, cap) rate-limited since the last one sent */
+	__s32 syscall_nr; /* syscall the task is in, -1 if unknown */
+	__s32 ret;	  /* cap_capable's return: 0 or -EPERM */
+	__u32 flags;	  /* CW_F_* */
+	__u32 suppressed; /* denials of this (pid, cap) rate-limited since the last one sent */
 	char comm[CW_COMM_LEN];
 };
 
@@ -52,11 +53,11 @@ struct cw_cache {
 };
 
 /* Indexes of the per-CPU stats array. */
-#define CW_STAT_LOST_DENIALS 0  /* denial ring full: reserve failed */
-#define CW_STAT_LOST_CHECKS 1   /* checks ring full (--all/--unique): reserve failed */
-#define CW_STAT_SUPPRESSED 2    /* denials held back by the per-(pid, cap) rate limit */
-#define CW_STAT_COUNT_FAIL 3    /* count map full: a check could not be counted */
-#define CW_STAT_SELF 4          /* capwatch's own checks on the streaming path (not sent) */
+#define CW_STAT_LOST_DENIALS 0	/* denial ring full: reserve failed */
+#define CW_STAT_LOST_CHECKS 1	/* checks ring full (--all/--unique): reserve failed */
+#define CW_STAT_SUPPRESSED 2	/* denials held back by the per-(pid, cap) rate limit */
+#define CW_STAT_COUNT_FAIL 3	/* count map full: a check could not be counted */
+#define CW_STAT_SELF 4		/* capwatch's own checks on the streaming path (not sent) */
 #define CW_STAT_LOST_OUTCOMES 5 /* denial ring full when a syscall's outcome was to be sent */
 #define CW_STAT_NR 8
 

@@ -47,3 +47,19 @@ class TestPackage:
         code = "import sys, capwatch.cli, capwatch.exporter, capwatch.observe; print('bcc' in sys.modules)"
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert "False" == r.stdout.strip()
+
+
+def test_bpf_source_is_clang_formatted() -> None:
+    """bpf/ follows bpf/.clang-format (kernel style)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    cf = shutil.which("clang-format")
+    if cf is None:
+        pytest.skip("clang-format is not installed (deploy/host-setup.sh installs it)")
+    bpf = PKG.parent / "bpf"
+    files = sorted(str(p) for p in bpf.glob("*.[ch]"))
+    r = subprocess.run([cf, "--dry-run", "-Werror", *files], capture_output=True, text=True, check=False)
+    assert 0 == r.returncode, r.stderr[-2000:]
