@@ -119,3 +119,26 @@ class TestDecode:
         raw = _pack(ts_ns=ts, cgroup_id=cg, pid=pid, cap=cap, flags=flags, comm=comm)
         batch = np.frombuffer(raw * 3, dtype=EVENT_DTYPE)
         assert [decode_record(raw)] * 3 == events_from_batch(batch)
+
+
+class TestConstants:
+    def test_flags_and_stats_match_header(self) -> None:
+        """F_* flags and the stats slot names agree with capwatch.h's #defines."""
+        import re
+
+        from capwatch import events
+        from capwatch._bpf import STAT_NAMES
+
+        text = (REPO / "bpf" / "capwatch.h").read_text()
+        defs = {k: int(v, 0) for k, v in re.findall(r"#define (CW_\w+)\s+(0x[0-9a-f]+|\d+)", text)}
+        flags = {k[5:]: v for k, v in defs.items() if k.startswith("CW_F_")}
+        assert flags == {
+            name[2:]: getattr(events, name) for name in dir(events) if name.startswith("F_")
+        }
+        stats = {
+            k[8:].lower(): v
+            for k, v in defs.items()
+            if k.startswith("CW_STAT_") and k != "CW_STAT_NR"
+        }
+        stats["own_checks"] = stats.pop("self")
+        assert stats == {name: i for i, name in enumerate(STAT_NAMES)}
