@@ -31,7 +31,7 @@ from capwatch.session import Session, stop_on_signals
 from capwatch.syscalls import syscall_name
 from capwatch.workloads import HoldQueue
 
-__all__ = ["DenialPipeline", "run_serve"]
+__all__ = ["DenialPipeline", "health_of", "run_serve"]
 
 STALL_SECONDS = 10.0
 
@@ -121,6 +121,19 @@ class DenialPipeline:
         )
 
 
+def health_of(s: Session | None, stall_seconds: float = STALL_SECONDS) -> tuple[bool, str]:
+    """/healthz: fails while starting, when the consumer loop is not running, and
+    when ring data has waited longer than ``stall_seconds`` (a stuck consumer)."""
+    if s is None:
+        return False, "starting"
+    if not s.running:
+        return False, "consumer not running"
+    lag = s.consumer_lag_s()
+    if lag > stall_seconds:
+        return False, f"consumer stalled for {lag:.0f}s"
+    return True, f"ok: attached via {s.mode}"
+
+
 def run_serve(args: Any, out: TextIO) -> int:
     from capwatch import _privs
     from capwatch.k8s import K8sConfigError, PodWatcher
@@ -143,15 +156,7 @@ def run_serve(args: Any, out: TextIO) -> int:
     holder: dict[str, Any] = {}
 
     def health() -> tuple[bool, str]:
-        s = holder.get("session")
-        if s is None:
-            return False, "starting"
-        if not s.running:
-            return False, "consumer not running"
-        lag = s.consumer_lag_s()
-        if lag > STALL_SECONDS:
-            return False, f"consumer stalled for {lag:.0f}s"
-        return True, f"ok: attached via {s.mode}"
+        return health_of(holder.get("session"))
 
     collector: list[CapwatchCollector] = []
 
