@@ -474,6 +474,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (capwatch trace | head): not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        return 0
     except Exception as exc:  # a bug: still one line, unless asked for the traceback
         if os.environ.get("CAPWATCH_DEBUG"):
             raise
@@ -482,11 +487,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             " (set CAPWATCH_DEBUG=1 for the traceback, and please report it)\n"
         )
         return 70
-    except BrokenPipeError:
-        # The reader went away (capwatch trace | head): not an error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
-        return 0
 
 
 if __name__ == "__main__":
