@@ -95,9 +95,11 @@ class ExporterState:
         max_series: int = 5000,
         series_ttl: float = 600.0,
         health: Callable[[], tuple[bool, float, int]] | None = None,
+        k8s: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
+        self.k8s = k8s  # Kubernetes names expected: a pod's labels wait for them
         self.resolve = resolve
         self.cgroup_root = cgroup_root
         self.max_series = max_series
@@ -113,6 +115,11 @@ class ExporterState:
         self.last_scrape_s = 0.0
         self._labels: dict[int, tuple[str, str, str, str]] = {}  # settled cgroups only
         self.series_count = 0
+        # Counts of expired cgroups, by label set: kept while another live cgroup
+        # has the same labels (a container re-created under its name, a restarted
+        # service), so that the label set's counter never goes down.
+        self._retired: Counter[LabelKey] = Counter()
+        self._retired_denials: Counter[tuple[str, str, str, str, str, str]] = Counter()
 
     # -- the consumer thread ------------------------------------------------
 
@@ -126,7 +133,7 @@ class ExporterState:
     def _workload(self, cgroup_id: int, now: float) -> Workload:
         """Sticky per cgroup once settled: a cgroup that dies keeps its labels."""
         known = self._cgroups.get(cgroup_id)
-        if known is not None and is_settled(known.workload):
+        if known is not None and is_settled(known.workload, k8s=self.k8s):
             return known.workload
         return self.resolve(cgroup_id)
 
@@ -144,13 +151,21 @@ class ExporterState:
             return
         counts = self.source.read_counts()
         dead = set(gone)
+        for (cg, cap, denied), n in counts.items():
+            if cg in dead:
+                wl = workload_labels(self._cgroups[cg].workload)
+                self._retired[(cap_name(cap), _VERDICT[denied], *wl)] += n
         self.source.delete_counts([k for k in counts if k[0] in dead])
+        with self._lock:
+            for key in [k for k in self._denials if k[0] in dead]:
+                cg, cap, expected = key
+                wl = workload_labels(self._cgroups[cg].workload)
+                self._retired_denials[(cap_name(cap), *wl, "true" if expected else "false")] += (
+                    self._denials.pop(key)
+                )
         for cg in gone:
             del self._cgroups[cg]
             self._labels.pop(cg, None)
-        with self._lock:
-            for key in [k for k in self._denials if k[0] in dead]:
-                del self._denials[key]
 
     def series(self) -> dict[LabelKey, int]:
         """Aggregate the kernel's counts into label sets (the cap on series applied)."""
@@ -158,16 +173,24 @@ class ExporterState:
         self._expire(now)
         counts = self.source.read_counts()
         per_cg: Counter[int] = Counter()
-        out: Counter[LabelKey] = Counter()
+        pre: Counter[LabelKey] = Counter()  # by label set, before the cap on series
         for (cg, cap, denied), n in counts.items():
             per_cg[cg] += n
             wl = self._labels.get(cg)
             if wl is None:
                 w = self._workload(cg, now)
                 wl = workload_labels(w)
-                if is_settled(w):
+                if is_settled(w, k8s=self.k8s):
                     self._labels[cg] = wl
-            key: LabelKey = (_CAP_NAMES.get(cap) or cap_name(cap), _VERDICT[denied], *wl)
+            pre[(_CAP_NAMES.get(cap) or cap_name(cap), _VERDICT[denied], *wl)] += n
+        for key in list(self._retired):
+            if key in pre:
+                pre[key] += self._retired[key]
+            else:
+                del self._retired[key]  # no live cgroup has these labels: the series ends
+        out: Counter[LabelKey] = Counter()
+        for key, n in pre.items():
+            target = key
             if key not in self._admitted:
                 if len(self._admitted) < self.max_series:
                     self._admitted.add(key)
@@ -175,8 +198,8 @@ class ExporterState:
                     if key not in self._folded:
                         self._folded.add(key)
                         self.folded_total += 1
-                    key = (key[0], key[1], "", "", OVERFLOW, "")
-            out[key] += n
+                    target = (key[0], key[1], "", "", OVERFLOW, "")
+            out[target] += n
         for cg, total in per_cg.items():
             st = self._cgroups.get(cg)
             if st is None:
@@ -184,11 +207,10 @@ class ExporterState:
             else:
                 if total != st.total:
                     st.total, st.changed = total, now
-                if not is_settled(st.workload):
+                if not is_settled(st.workload, k8s=self.k8s):
                     st.workload = self.resolve(cg)
         self.series_count = len(out)
-        live = set(out)
-        self._admitted &= live | {k for k in self._admitted if k[4] != OVERFLOW}
+        self._admitted &= set(pre)  # label sets with no live series free their slot
         return dict(out)
 
     def denials(self) -> dict[tuple[str, str, str, str, str, str], int]:
@@ -199,6 +221,12 @@ class ExporterState:
         for (cg, cap, expected), n in raw.items():
             labels = workload_labels(self._workload(cg, now))
             out[(cap_name(cap), *labels, "true" if expected else "false")] += n
+        with self._lock:
+            for key in list(self._retired_denials):
+                if key in out:
+                    out[key] += self._retired_denials[key]
+                else:
+                    del self._retired_denials[key]
         return dict(out)
 
 
@@ -219,16 +247,26 @@ class CapwatchCollector(Collector):
     def __init__(self, state: ExporterState) -> None:
         self.state = state
         self._prefix: dict[LabelKey, str] = {}
+        # Scrapes arrive on the HTTP server's threads: one at a time (the state's
+        # caches and the count map's read buffers are not shared safely).
+        self._scrape = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
-        checks = CounterMetricFamily("capwatch_checks", _CHECKS_HELP, labels=list(_CHECKS_LABELS))
-        for key, n in self.state.series().items():
-            checks.add_metric(list(key), n)
-        yield checks
-        yield from self._rest()
+        with self._scrape:
+            checks = CounterMetricFamily(
+                "capwatch_checks", _CHECKS_HELP, labels=list(_CHECKS_LABELS)
+            )
+            for key, n in self.state.series().items():
+                checks.add_metric(list(key), n)
+            families = [checks, *self._rest()]
+        yield from families
 
     def exposition(self) -> bytes:
         """The whole /metrics text (text format 0.0.4)."""
+        with self._scrape:
+            return self._exposition()
+
+    def _exposition(self) -> bytes:
         series = self.state.series()
         lines = [
             f"# HELP capwatch_checks_total {_CHECKS_HELP}\n",

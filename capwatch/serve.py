@@ -50,6 +50,7 @@ class DenialPipeline:
         node: str,
         outcome: bool,
         note_pid: Any = None,
+        k8s: bool = False,
         clock: Clock | None = None,
     ) -> None:
         self.resolve = resolve
@@ -59,7 +60,7 @@ class DenialPipeline:
         self.node = node
         self.clock = clock or Clock()
         # The log waits (at most 1 s, in order) for a new workload's name.
-        self.hold = HoldQueue(resolve, self._feed, note_pid=note_pid)
+        self.hold = HoldQueue(resolve, self._feed, note_pid=note_pid, k8s=k8s)
         self.joiner = OutcomeJoiner(self._denial) if outcome else None
 
     def on_batch(self, ring: str, batch: Batch) -> None:
@@ -208,6 +209,7 @@ def run_serve(args: Any, out: TextIO) -> int:
             max_series=args.max_series,
             series_ttl=args.series_ttl,
             health=lambda: (sess.running, sess.consumer_lag_s(), sess.decode_errors()),
+            k8s=watcher is not None,
         )
         collector.append(CapwatchCollector(state))
         denylog = DenialLog(out, interval=args.log_interval)
@@ -219,6 +221,7 @@ def run_serve(args: Any, out: TextIO) -> int:
             node=node,
             outcome=args.outcome,
             note_pid=attributor.note_pid,
+            k8s=watcher is not None,
         )
         server.start()
         log.info("serving", listen=f"{host}:{server.port}", endpoints=["/metrics", "/healthz"])

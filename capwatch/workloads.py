@@ -92,7 +92,10 @@ def is_settled(w: Workload, *, k8s: bool = False) -> bool:
         return False
     if w.container_id and w.runtime in ("podman", "docker") and not w.name:
         return False
-    return not (k8s and w.kind == "kubernetes" and w.pod_uid and not w.pod)
+    if k8s and w.kind == "kubernetes" and w.pod_uid:
+        # the pod's name, and the container's once its status lists the id
+        return bool(w.pod) and not (w.container_id and not w.container_name)
+    return True
 
 
 class HoldQueue:

@@ -209,3 +209,60 @@ def test_fast_exposition_equals_prometheus_client() -> None:
         return [ln for ln in text.decode().splitlines() if "scrape_duration" not in ln]
 
     assert strip(generate_latest(reg)) == strip(col.exposition())
+
+
+class TestMonotonic:
+    def test_recreated_container_counter_never_goes_down(self, tmp_path: Path) -> None:
+        """A container re-created under the same name: when the old cgroup expires, its counts
+        stay in the label set's counter (checks and denials), which never goes down."""
+        now = [0.0]
+        src = FakeSource()
+        old_id, new_id = "a" * 64, "b" * 64
+        (tmp_path / "libpod_parent" / f"libpod-{new_id}").mkdir(parents=True)
+        paths = {5: f"/libpod_parent/libpod-{old_id}", 6: f"/libpod_parent/libpod-{new_id}"}
+        src.counts = {(5, 25, True): 100}
+        st = ExporterState(
+            src,
+            workloads(paths),
+            cgroup_root=str(tmp_path),
+            series_ttl=60,  # type: ignore[arg-type]
+            clock=lambda: now[0],
+        )
+        st.count_denial(5, 25, expected=False, n=100)
+        key = 'capwatch_checks_total{capability="CAP_SYS_TIME",container="web",namespace="",pod="",runtime="podman",verdict="denied"}'
+        dkey = 'capwatch_denials_total{capability="CAP_SYS_TIME",container="web",expected="false",namespace="",pod="",runtime="podman"}'
+        assert (100, 100) == (scrape(st)[key], scrape(st)[dkey])
+        src.counts[(6, 25, True)] = 5  # the new "web"
+        st.count_denial(6, 25, expected=False, n=5)
+        now[0] = 61  # the old cgroup is gone and idle past the TTL: expired
+        m = scrape(st)
+        assert [(5, 25, True)] == src.deleted
+        assert (105, 105) == (m[key], m[dkey])
+        src.counts[(6, 25, True)] = 7
+        assert 107 == scrape(st)[key]
+
+    def test_freed_series_slot_is_reused(self, tmp_path: Path) -> None:
+        """Under the cap on series, a label set that ended frees its slot for a new one."""
+        now = [0.0]
+        src = FakeSource()
+        paths = {10: "/system.slice/a.service", 11: "/system.slice/b.service"}
+        src.counts = {(10, 25, True): 1}
+        st = ExporterState(
+            src,
+            workloads(paths),
+            cgroup_root=str(tmp_path),
+            series_ttl=60,  # type: ignore[arg-type]
+            max_series=1,
+            clock=lambda: now[0],
+        )
+        scrape(st)
+        now[0] = 61  # a.service's cgroup is gone (not under tmp_path) and idle
+        src.counts[(11, 25, True)] = 1
+        scrape(st)  # expires a; b was folded this time or admitted now
+        m = scrape(st)
+        assert (
+            1
+            == m[
+                'capwatch_checks_total{capability="CAP_SYS_TIME",container="b.service",namespace="",pod="",runtime="systemd",verdict="denied"}'
+            ]
+        )
