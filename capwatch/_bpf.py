@@ -41,7 +41,14 @@ _MODE_DEFINE = {
     "kprobe": "CW_ATTACH_KPROBE",
 }
 #: Names of the per-CPU stats slots (bpf/capwatch.h CW_STAT_*).
-STAT_NAMES = ("lost_denials", "lost_checks", "suppressed", "count_fail", "own_checks", "lost_outcomes")
+STAT_NAMES = (
+    "lost_denials",
+    "lost_checks",
+    "suppressed",
+    "count_fail",
+    "own_checks",
+    "lost_outcomes",
+)
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
@@ -219,8 +226,12 @@ class _CountBatch:
                 break
             token_in.value = token_out.value
         k = self.keys[:total]
-        n = self.values[:total].sum(axis=1)
-        return k["cgroup_id"].copy(), k["cap"].copy(), k["denied"].copy(), n
+        return (
+            k["cgroup_id"].copy(),
+            k["cap"].copy(),
+            k["denied"].copy(),
+            self.values[:total].copy(),
+        )
 
 
 class LoadedProgram:
@@ -255,42 +266,54 @@ class LoadedProgram:
     def read_counts(self) -> dict[tuple[int, int, bool], int]:
         """Exact counts by (cgroup id, capability, denied), summed over CPUs:
         the count map plus each CPU's cache of its last cgroup (see the
-        comment on count_cache in bpf/capwatch.bpf.c for why this is exact)."""
+        comment on count_cache in bpf/capwatch.bpf.c for why this is exact).
+
+        Each CPU's slot of the map changes only when that CPU flushes its
+        cache, so a CPU is taken from the first read during which it did not
+        flush (its sequence numbers equal and unchanged around the read); CPUs
+        that flushed are read again. On a busy node every CPU needs one quiet
+        read, not all of them the same one."""
         import ctypes
 
         cache = self._bpf[b"count_cache"]
         zero = ctypes.c_int(0)
+        taken: dict[int, tuple[list[tuple[int, int, bool]], list[int], int, list[int]]] = {}
         for _ in range(1000):
             first = [(int(c.seq_head), int(c.seq_tail)) for c in cache[zero]]
-            out = self._read_hash()
+            keys, columns = self._read_hash_columns()
             second = cache[zero]
-            if all(
-                h == t == int(c.seq_head) == int(c.seq_tail)
-                for (h, t), c in zip(first, second, strict=True)
-            ):
-                for c in second:
-                    cg = int(c.cgroup_id)
-                    for i, n in enumerate(c.n):
-                        if n:
-                            key = (cg, i >> 1, bool(i & 1))
-                            out[key] = out.get(key, 0) + int(n)
-                return out
-        raise CapwatchError("the kernel's count caches kept flushing during 1,000 reads")
+            for cpu, ((h, t), c) in enumerate(zip(first, second, strict=True)):
+                if cpu not in taken and h == t == int(c.seq_head) == int(c.seq_tail):
+                    taken[cpu] = (keys, columns[cpu], int(c.cgroup_id), [int(n) for n in c.n])
+            if len(taken) == len(first):
+                break
+        else:
+            raise CapwatchError("the kernel's count caches kept flushing during 1,000 reads")
+        out: dict[tuple[int, int, bool], int] = {}
+        for keys, column, cg, cached in taken.values():
+            for key, n in zip(keys, column, strict=True):
+                if n:
+                    out[key] = out.get(key, 0) + n
+            for i, n in enumerate(cached):
+                if n:
+                    key = (cg, i >> 1, bool(i & 1))
+                    out[key] = out.get(key, 0) + n
+        return out
 
-    def _read_hash(self) -> dict[tuple[int, int, bool], int]:
+    def _read_hash_columns(self) -> tuple[list[tuple[int, int, bool]], list[list[int]]]:
+        """The count map's keys, and each CPU's values for them (one list per CPU)."""
         if self._batch is None:
             table = self._bpf[b"counts"]
             self._batch = _CountBatch(int(table.map_fd), int(table.max_entries))
         try:
-            cg, cap, denied, n = self._batch.read()
+            cg, cap, denied, values = self._batch.read()
         except OSError:  # kernels without BPF_MAP_LOOKUP_BATCH (before 5.6)
-            table = self._bpf[b"counts"]
-            return {
-                (int(k.cgroup_id), int(k.cap), bool(k.denied)): int(sum(v))
-                for k, v in table.items()
-            }
-        keys = zip(cg.tolist(), cap.tolist(), denied.astype(bool).tolist(), strict=True)
-        return dict(zip(keys, n.tolist(), strict=True))
+            items = list(self._bpf[b"counts"].items())
+            keys = [(int(k.cgroup_id), int(k.cap), bool(k.denied)) for k, _ in items]
+            ncpu = len(items[0][1]) if items else 0
+            return keys, [[int(v[i]) for _, v in items] for i in range(ncpu)]
+        keys = list(zip(cg.tolist(), cap.tolist(), denied.astype(bool).tolist(), strict=True))
+        return keys, values.T.tolist()
 
     def delete_counts(self, keys: list[tuple[int, int, bool]]) -> None:
         """Forget the counts of cgroups that are gone (the exporter's series TTL)."""
