@@ -12,7 +12,7 @@
 #define CW_F_NOAUDIT 0x02      /* opts & CAP_OPT_NOAUDIT (fexit/kprobe only) */
 #define CW_F_INSETID 0x04      /* opts & CAP_OPT_INSETID (fexit/kprobe only) */
 #define CW_F_OPTS_KNOWN 0x08   /* the hook exposes opts: the two bits above mean something */
-#define CW_F_USERNS 0x10       /* checked in a user namespace other than the initial one */
+#define CW_F_USERNS 0x10       /* the target (resource's) user namespace is not the initial one */
 #define CW_F_USERNS_KNOWN 0x20 /* the initial namespace was known when this was recorded */
 /* Not a check: the return value (ret) of the syscall in which this thread's
  * preceding denials happened (--outcome). */

@@ -182,6 +182,12 @@ def _build_parser() -> _Parser:
         help="one log line per distinct denial per interval (default 60s)",
     )
     sv.add_argument(
+        "--state-file",
+        default=DEFAULT_STATE_FILE,
+        metavar="FILE",
+        help="where recent denials are kept for explain --last",
+    )
+    sv.add_argument(
         "--no-drop-privileges",
         dest="drop_privileges",
         action="store_false",
@@ -360,6 +366,8 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return
         if joined is not None and ev.denied:
             rec["outcome"], rec["role"] = joined.outcome, joined.role
+            if joined.ret is not None:
+                rec["syscall_ret"] = joined.ret
         if args.unique:
             key = (rec["container"], rec["comm"], ev.cap, ev.denied, ev.syscall_nr)
             if key in seen:

@@ -104,7 +104,7 @@ class Event:
 
     @property
     def in_userns(self) -> bool | None:
-        """Checked in a non-initial user namespace; None when not yet known."""
+        """The resource's (target) user namespace is not the initial one; None if not known."""
         return bool(self.flags & F_USERNS) if self.flags & F_USERNS_KNOWN else None
 
 

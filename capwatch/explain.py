@@ -33,7 +33,7 @@ class DenialFacts:
     pod: str = ""
     namespace: str = ""
     service: str = ""  # systemd unit
-    userns: bool | None = None  # checked in a non-initial user namespace
+    userns: bool | None = None  # the resource's (target) user namespace is not the host's
     count: int = 1
 
 
@@ -157,11 +157,14 @@ def explain(f: DenialFacts) -> Explanation:
 
     # 2. Which set lacks it, and so who can fix it.
     if f.userns:
+        # CW_F_USERNS: the target namespace (the one owning the resource) is not the
+        # host's. A capability held in that namespace is enough, so the usual fix
+        # works. (The opposite case, a rootless container touching what the host
+        # owns, needs the process's own namespace, which capwatch cannot read
+        # without kernel struct layouts: docs/design.md.)
         ex.details.append(
-            f"The check was made in a user namespace other than the host's: {name} held "
-            "inside a user namespace (a rootless container) does not cover resources the "
-            "host owns (the clock, modules, devices). Adding it inside will not help; the "
-            "container must run without a user namespace (rootful), if at all."
+            f"The resource belongs to a user namespace other than the host's (a container "
+            f"with its own user namespace): {name} held in that namespace is enough."
         )
     if missing == "bounding":
         ex.details.append(
@@ -189,7 +192,7 @@ def explain(f: DenialFacts) -> Explanation:
         ex.details.append("The process is gone: which set lacked it cannot be read any more.")
 
     # 3. The fix for this context.
-    if missing in ("bounding", "unknown") and not f.userns:
+    if missing in ("bounding", "unknown"):
         if in_container:
             ex.fixes += _container_fixes(f.kind, short, f)
         elif f.kind == "systemd":
@@ -209,7 +212,7 @@ def explain(f: DenialFacts) -> Explanation:
                     f"bounding set includes {name} (check the parent with capwatch ps)",
                 }
             )
-    if missing in ("permitted", "unknown") and not f.userns:
+    if missing in ("permitted", "unknown"):
         ex.fixes.append({"context": "file", "fix": f"setcap {name.lower()}+ep /path/to/{f.comm}"})
         ex.fixes.append({"context": "systemd", "fix": f"AmbientCapabilities={name}"})
         if in_container:

@@ -47,7 +47,8 @@ class RecentDenials:
         key = self.key(rec)
         old = self._items.pop(key, None)
         if old is not None:
-            rec = {**rec, "count": old.get("count", 1) + 1}
+            # keep what the first sighting knew (the process's sets, read while it lived)
+            rec = {**old, **rec, "count": old.get("count", 1) + 1}
         self._items[key] = rec
         while len(self._items) > self.limit:
             self._items.popitem(last=False)
@@ -109,7 +110,7 @@ def read_recent(path: str, n: int) -> list[Explanation]:
                 syscall=str(rec.get("syscall", "?")),
                 comm=str(rec.get("comm", "?")),
                 pid=int(rec.get("pid", 0)),
-                ret=rec.get("ret"),
+                ret=rec.get("syscall_ret"),
                 known_probe=rec.get("rule"),
                 status=_status(rec),
                 kind=str(rec.get("kind") or "host"),

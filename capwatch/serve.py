@@ -25,6 +25,7 @@ from capwatch.events import Batch, Event, events_from_batch
 from capwatch.exporter import CapwatchCollector, ExporterState, workload_labels
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
+from capwatch.recent import RecentDenials, with_caps
 from capwatch.render import Clock
 from capwatch.server import MetricsServer, parse_listen
 from capwatch.session import Session, stop_on_signals
@@ -51,9 +52,13 @@ class DenialPipeline:
         outcome: bool,
         note_pid: Any = None,
         k8s: bool = False,
+        recent: RecentDenials | None = None,
+        proc_root: str = "/proc",
         clock: Clock | None = None,
     ) -> None:
         self.resolve = resolve
+        self.recent = recent
+        self.proc_root = proc_root
         self.policy = policy
         self.state = state
         self.log = log
@@ -80,12 +85,16 @@ class DenialPipeline:
         if self.joiner is not None:
             self.joiner.expire(time.monotonic_ns())
         self.log.tick()
+        if self.recent is not None:
+            self.recent.flush()
 
     def close(self) -> None:
         self.hold.flush(force=True)
         if self.joiner is not None:
             self.joiner.flush()
         self.log.close()
+        if self.recent is not None:
+            self.recent.flush(force=True)
 
     def _denial(self, j: Joined) -> None:
         ev = j.event
@@ -120,6 +129,15 @@ class DenialPipeline:
                 suppressed=ev.suppressed,
             )
         )
+        if self.recent is not None:
+            rec: dict[str, Any] = {
+                "pid": ev.pid, "uid": ev.uid, "comm": ev.comm, "cap": ev.cap,
+                "capability": cap_name(ev.cap), "syscall": syscall, "kind": w.kind,
+                "container": container, "container_name": w.container_name or w.name,
+                "pod": pod, "namespace": ns, "rule": rule_name if expected else None,
+                "userns": ev.in_userns, "syscall_ret": j.ret,
+            }  # fmt: skip
+            self.recent.add(rec if rec in self.recent else with_caps(rec, self.proc_root))
 
 
 def health_of(s: Session | None, stall_seconds: float = STALL_SECONDS) -> tuple[bool, str]:
@@ -222,6 +240,8 @@ def run_serve(args: Any, out: TextIO) -> int:
             outcome=args.outcome,
             note_pid=attributor.note_pid,
             k8s=watcher is not None,
+            recent=RecentDenials(args.state_file),
+            proc_root=args.proc_root,
         )
         server.start()
         log.info("serving", listen=f"{host}:{server.port}", endpoints=["/metrics", "/healthz"])

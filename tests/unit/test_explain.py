@@ -208,7 +208,8 @@ class TestExplain:
         assert "root on the host" in ex.warning
 
     def test_user_namespace(self) -> None:
-        """In a user namespace, adding the capability inside cannot help: no --cap-add fix."""
+        """A resource owned by a container's user namespace: the capability in that namespace
+        is enough, so the usual fix stands, and the detail says so."""
         ex = explain(
             DenialFacts(
                 cap=25,
@@ -216,16 +217,50 @@ class TestExplain:
                 comm="date",
                 pid=42,
                 ret=-1,
-                status=status(),
+                status=status(bnd=SEED),
                 kind="podman",
                 userns=True,
             )
         )
-        assert [] == ex.fixes
-        assert any("user namespace" in d for d in ex.details)
+        assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == ex.fixes
+        assert any("belongs to a user namespace other than the host's" in d for d in ex.details)
 
     def test_process_gone(self) -> None:
         """Without the process's status, the set is unknown and both kinds of fix are offered."""
         ex = explain(DenialFacts(cap=25, syscall="clock_settime", comm="date", pid=42, ret=-1))
         assert "unknown" == ex.missing_from
         assert {"host", "file", "systemd"} == {f["context"] for f in ex.fixes}
+
+
+class TestRecent:
+    def test_repeat_keeps_first_sets_and_outcome_reaches_explain(self, tmp_path: object) -> None:
+        """A repeated denial keeps the capability sets read the first time; --last tells a
+        cause from a probe with the stored syscall result."""
+        from pathlib import Path
+
+        from capwatch.recent import RecentDenials, read_recent
+
+        path = str(Path(str(tmp_path)) / "recent.json")
+        r = RecentDenials(path)
+        rec = {
+            "pid": 7,
+            "comm": "date",
+            "cap": 25,
+            "syscall": "clock_settime",
+            "container": "web",
+            "kind": "podman",
+            "syscall_ret": -1,
+        }
+        caps = {
+            "CapInh": "0",
+            "CapPrm": f"{SEED:x}",
+            "CapEff": f"{SEED:x}",
+            "CapBnd": f"{SEED:x}",
+            "CapAmb": "0",
+        }
+        r.add({**rec, "caps": caps})
+        r.add(dict(rec))  # the same denial again, the process already gone
+        r.flush(force=True)
+        [ex] = read_recent(path, 5)
+        assert ("cause", "bounding", 2) == (ex.role, ex.missing_from, ex.count)
+        assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == ex.fixes
