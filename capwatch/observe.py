@@ -172,6 +172,16 @@ def _kind(w: Workload) -> str:
 
 
 def _observe(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[_Collector, float]:
+    """Watch ``target``; the cgroup made for a command is removed whatever happens."""
+    try:  # Ctrl-C during the compile raises KeyboardInterrupt: still cleaned up
+        return _observe_in(args, target, err)
+    finally:
+        if target.cgroup_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(target.cgroup_dir)
+
+
+def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[_Collector, float]:
     policy = Policy.load(getattr(args, "policy", None))
     stop = threading.Event()
     attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
@@ -221,9 +231,6 @@ def _observe(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[_Co
                 child.terminate()
             child.wait()
         session.close()
-        if target.cgroup_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(target.cgroup_dir)
     if child is not None and child.returncode:
         err.write(
             f"capwatch: {target.argv[0] if target.argv else ''} exited with {child.returncode}\n"

@@ -126,6 +126,7 @@ class HoldQueue:
         self._k8s = k8s
         self._clock = clock
         self._held: deque[tuple[float, Event]] = deque()
+        self._gave_up: set[int] = set()  # cgroups whose identity never settled in time
 
     def push(self, ev: Event) -> None:
         w = self._resolve(ev.cgroup_id)
@@ -134,21 +135,25 @@ class HoldQueue:
             # it is gone before the walk (a container that ran for a moment).
             self._note_pid(ev.cgroup_id, ev.pid)
             w = self._resolve(ev.cgroup_id)
-        if not self._held and is_settled(w, k8s=self._k8s):
+        if not self._held and self._settled(ev.cgroup_id, w):
             self._emit(ev)
             return
         self._held.append((self._clock(), ev))
+
+    def _settled(self, cgroup_id: int, w: Workload) -> bool:
+        return cgroup_id in self._gave_up or is_settled(w, k8s=self._k8s)
 
     def flush(self, *, force: bool = False) -> None:
         now = self._clock()
         while self._held:
             t, ev = self._held[0]
-            if not (
-                force
-                or now - t >= self._max_hold
-                or is_settled(self._resolve(ev.cgroup_id), k8s=self._k8s)
-            ):
-                return
+            if not self._settled(ev.cgroup_id, self._resolve(ev.cgroup_id)):
+                if not (force or now - t >= self._max_hold):
+                    return
+                # Never settles (a name no source knows): stop holding its events.
+                if len(self._gave_up) >= 4096:
+                    self._gave_up.clear()
+                self._gave_up.add(ev.cgroup_id)
             self._held.popleft()
             self._emit(ev)
 

@@ -231,3 +231,24 @@ class TestContainerScenarios:
             assert not any("runc" in e or "conmon" in e for e in ev), (cap, ev)
         assert 'drop: ["ALL"]' in a["kubernetes"]
         assert "--cap-add=NET_BIND_SERVICE" in a["docker"]
+
+
+def test_failed_explain_leaves_no_cgroup() -> None:
+    """explain -- CMD that fails before watching (a bad policy) removes the cgroup it made."""
+    require_root()
+    from tests.kernel.workloads import unified_root
+
+    before = {p.name for p in unified_root().glob("capwatch-run-*")}
+    r = subprocess.run(
+        [sys.executable, "-m", "capwatch.cli", "explain", "--policy", "/nonexistent", "--", "true"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert 1 == r.returncode
+    assert [
+        "capwatch: policy /nonexistent: cannot read: No such file or directory"
+    ] == r.stderr.splitlines()
+    assert before == {p.name for p in unified_root().glob("capwatch-run-*")}

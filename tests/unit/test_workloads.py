@@ -145,3 +145,15 @@ class TestNotePid:
             assert a.resolve(999_999).cgroup_path is None
         finally:
             a.close()
+
+
+def test_hold_gives_up_on_a_workload_that_never_settles() -> None:
+    """After one event of a cgroup waited the full hold, later events of it pass at once."""
+    now = [0.0]
+    out: list[Event] = []
+    q = HoldQueue(unresolved, out.append, max_hold_s=1.0, clock=lambda: now[0])
+    q.push(ev(9, pid=1))
+    now[0] = 1.0
+    q.flush()
+    q.push(ev(9, pid=2))
+    assert [1, 2] == [e.pid for e in out]
