@@ -93,6 +93,11 @@ BPF_TABLE("lru_hash", struct cw_rl_key, struct cw_rl_val, ratelimit, 10240);
  * on every syscall of the node, so it first reads one shared counter of
  * pending threads and returns at once when it is zero (the common case). */
 BPF_TABLE("lru_hash", u32, u32, pending, 16384);
+/* Known limit: an entry whose syscall never returns (exit_group, an execve by
+ * a non-leader thread, which changes the tid) or that the LRU evicts is never
+ * deleted here, so the counter stays above zero and every syscall then pays a
+ * hash delete until capwatch restarts. Such denials are reported
+ * with an unknown outcome after 2 s by user space. */
 BPF_ARRAY(pending_gate, u64, 1);
 #endif
 
@@ -381,7 +386,9 @@ static __always_inline int cw_sys_exit(s64 ret)
 	e->uid = (u32)bpf_get_current_uid_gid();
 	e->cap = -1;
 	e->syscall_nr = current_syscall();
-	e->ret = (s32)ret;
+	/* Errors are -4095..-1; a larger value (an mmap address, a 64-bit offset)
+	 * is a success that does not fit the field: store INT_MAX. */
+	e->ret = (ret < -4095 || ret > 0x7fffffff) ? 0x7fffffff : (s32)ret;
 	e->flags = CW_F_OUTCOME;
 	e->suppressed = 0;
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
