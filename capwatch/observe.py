@@ -222,6 +222,13 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[
         stop_on_signals(stop)
         session.run(stop, col.on_batch, on_tick=lambda: col.joiner.expire(time.monotonic_ns()))
         col.joiner.flush()
+        stats = session.program.read_stats()
+        lost = stats["lost_denials"] + stats["lost_checks"] + stats["lost_outcomes"]
+        if lost:
+            err.write(
+                f"capwatch: warning: {lost} events were lost (ring full): what follows may be"
+                " incomplete\n"
+            )
     except BaseException:
         attributor.close()
         raise
