@@ -12,6 +12,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CAPWATCH = [sys.executable, "-m", "capwatch.cli"]
+#: What the seed post's container mask 0000001dbdbeffff lacks (the post decoded bits
+#: 0-31 and found the first four by hand; 33 and 37-40 lie past its table).
+SEED_ABSENT = frozenset(
+    {
+        "CAP_SYS_MODULE",
+        "CAP_SYS_BOOT",
+        "CAP_SYS_TIME",
+        "CAP_AUDIT_CONTROL",
+        "CAP_MAC_ADMIN",
+        "CAP_AUDIT_READ",
+        "CAP_PERFMON",
+        "CAP_BPF",
+        "CAP_CHECKPOINT_RESTORE",
+    }
+)
 
 
 def require_root() -> None:
