@@ -29,17 +29,6 @@ class Clock:
         return datetime.fromtimestamp((ts_ns + self.offset_ns) / 1e9, tz=UTC)
 
 
-def default_identity(cgroup_id: int) -> Identity:
-    return {
-        "container": f"cgroup:{cgroup_id}",
-        "runtime": "",
-        "container_id": "",
-        "container_name": "",
-        "pod": "",
-        "namespace": "",
-    }
-
-
 def to_record(ev: Event, clock: Clock, identity: Callable[[int], Identity]) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "time": clock.wall(ev.ts_ns).isoformat(timespec="microseconds"),
