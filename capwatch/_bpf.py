@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from capwatch import procfs
-from capwatch._attach import Selection, select_mode
+from capwatch._attach import Attempt, Selection, select_mode
 from capwatch._headers import HeaderTree, find_headers
 from capwatch.errors import CapwatchError, PrivilegeError
 
@@ -242,7 +242,7 @@ class LoadedProgram:
         self.mode = mode
         self.config = config
         self.headers = headers
-        self.attempts: tuple[Any, ...] = ()
+        self.attempts: tuple[Attempt, ...] = ()  # modes tried before this one worked
         self._batch: _CountBatch | None = None
 
     def rings(self) -> list[RingSpec]:

@@ -340,6 +340,9 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     stop = threading.Event()
     stop_on_signals(stop)
     session = Session(config, args.attach, kernel_headers=args.kernel_headers)
+    for a in session.program.attempts:
+        if a.error is not None:
+            err.write(f"capwatch: {a.mode} not used: {a.error}\n")
     what = "every check" if args.all else "distinct checks" if args.unique else "denials"
     err.write(
         f"capwatch: attached via {session.mode} in {session.attach_seconds:.1f}s"

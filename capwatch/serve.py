@@ -189,6 +189,9 @@ def run_serve(args: Any, out: TextIO) -> int:
         config = _bpf.ProgramConfig(outcome=args.outcome)
         session = Session(config, args.attach, kernel_headers=args.kernel_headers)
         holder["session"] = session
+        for a in session.program.attempts:
+            if a.error is not None:
+                log.warning("attach_mode_unavailable", mode=a.mode, reason=a.error)
         headers = session.program.headers
         log.info("kernel_headers", source=headers.source, path=headers.path)
         log.info(
