@@ -26,11 +26,11 @@ from capwatch.exporter import CapwatchCollector, ExporterState, workload_labels
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
 from capwatch.recent import RecentDenials, with_caps
-from capwatch.render import Clock
+from capwatch.render import Clock, to_record
 from capwatch.server import MetricsServer, parse_listen
 from capwatch.session import Session, stop_on_signals
 from capwatch.syscalls import syscall_name
-from capwatch.workloads import HoldQueue
+from capwatch.workloads import HoldQueue, identity_of
 
 __all__ = ["DenialPipeline", "health_of", "run_serve"]
 
@@ -130,13 +130,11 @@ class DenialPipeline:
             )
         )
         if self.recent is not None:
-            rec: dict[str, Any] = {
-                "pid": ev.pid, "uid": ev.uid, "comm": ev.comm, "cap": ev.cap,
-                "capability": cap_name(ev.cap), "syscall": syscall, "kind": w.kind,
-                "container": container, "container_name": w.container_name or w.name,
-                "pod": pod, "namespace": ns, "rule": rule_name if expected else None,
-                "userns": ev.in_userns, "syscall_ret": j.ret,
-            }  # fmt: skip
+            # the same record trace keeps (render.to_record), plus what serve knows
+            rec = to_record(ev, self.clock, lambda _cg: identity_of(w))
+            rec["rule"] = rule_name if expected else None
+            if j.ret is not None:
+                rec["syscall_ret"] = j.ret
             self.recent.add(rec if rec in self.recent else with_caps(rec, self.proc_root))
 
 
