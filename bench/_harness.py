@@ -42,7 +42,7 @@ class Serve:
             [
                 sys.executable,
                 "-m",
-                "capwatch.cli",
+                "capwatch.commands.cli",
                 "serve",
                 "--listen",
                 f"127.0.0.1:{self.port}",

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from capwatch.cgroups import CgroupResolver, find_cgroup2_mount, walk_cgroup_tree
-from capwatch.containers import Attributor
+from capwatch.attribution.cgroups import CgroupResolver, find_cgroup2_mount, walk_cgroup_tree
+from capwatch.attribution.containers import Attributor
 
 CID = "3f1c2b9a8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a3928170f6e5d4c"
 

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from capwatch import denylog
-from capwatch.denylog import Denial, DenialLog
+from capwatch.sinks import denylog
+from capwatch.sinks.denylog import Denial, DenialLog
 
 D = Denial(
     time=1.7e9,

@@ -21,8 +21,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from capwatch._bpf import ProgramConfig
-from capwatch.session import Session
+from capwatch.kernel.bpf import ProgramConfig
+from capwatch.kernel.session import Session
 
 LOOP = r"""
 #define _GNU_SOURCE

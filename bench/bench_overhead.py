@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             "/proc/sys/kernel/bpf_stats_enabled is 1: the kernel times every BPF run and every"
             " BPF row would be inflated (+100 ns here). Set it to 0, or pass --allow-bpf-stats."
         )
-    from capwatch._headers import find_headers
+    from capwatch.kernel.headers import find_headers
 
     os.environ.update(find_headers(None).env)  # the same kernel headers capwatch compiles with
     os.sched_setaffinity(0, {CONSUMER_CPU})  # children inherit; the workload pins itself to 0

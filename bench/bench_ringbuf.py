@@ -34,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from capwatch._ringbuf import RingReader  # noqa: E402
+from capwatch.kernel.ringbuf import RingReader  # noqa: E402
 
 CW_STAT_LOST_CHECKS = 1
 
@@ -69,7 +69,7 @@ def workload_cmd(tmp: Path) -> list[str]:
 
 
 def load(check_pages: int) -> Any:
-    from bcc import BPF  # only the bench and capwatch._bpf import bcc
+    from bcc import BPF  # only the bench and capwatch.kernel.bpf import bcc
 
     return BPF(
         src_file=str(REPO / "bpf" / "capwatch.bpf.c").encode(),

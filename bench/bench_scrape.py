@@ -19,9 +19,9 @@ import time
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from capwatch._bpf import ProgramConfig, load
-from capwatch.containers import classify
-from capwatch.exporter import CapwatchCollector, ExporterState
+from capwatch.attribution.containers import classify
+from capwatch.kernel.bpf import ProgramConfig, load
+from capwatch.sinks.exporter import CapwatchCollector, ExporterState
 
 
 def main() -> None:

@@ -169,7 +169,7 @@ in_root /opt/capwatch/bin/pip install -q --no-index --find-links /tmp/wheels \
 rm -rf "$dir/tmp/wheels"
 ln -sfn /opt/capwatch/bin/capwatch "$dir/usr/local/bin/capwatch"
 install -m 0755 "$repo/deploy/entrypoint.sh" "$dir/usr/local/bin/capwatch-entrypoint"
-in_root /opt/capwatch/bin/python -c 'import bcc, capwatch._bpf as b; b.bpf_source_dir()' \
+in_root /opt/capwatch/bin/python -c 'import bcc, capwatch.kernel.bpf as b; b.bpf_source_dir()' \
   || die "the rootfs cannot import bcc or find the BPF source (package data: capwatch/bpf_src)"
 version=$(in_root capwatch --version)
 echo "$app_key" >"$dir/$stamps/app"

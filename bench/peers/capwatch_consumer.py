@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from capwatch._bpf import ProgramConfig
-from capwatch.events import Batch
-from capwatch.session import Session
+from capwatch.decode.events import Batch
+from capwatch.kernel.bpf import ProgramConfig
+from capwatch.kernel.session import Session
 
 
 def main() -> None:

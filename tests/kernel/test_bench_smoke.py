@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bench.bench_overhead import variants
-from tests.conftest import REPO, require_root, require_tool
+from tests.helpers import REPO, require_root, require_tool
 
 pytestmark = [pytest.mark.kernel]
 

@@ -32,7 +32,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO, require_root
+from tests.helpers import REPO, require_root
 from tests.kernel.podman import NO_SECCOMP, busybox_rootfs, require_podman
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]

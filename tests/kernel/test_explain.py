@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, require_root, require_tool
+from tests.helpers import REPO, require_root, require_tool
 from tests.kernel.podman import NO_SECCOMP, RUN, busybox_rootfs, new_name, podman_rm, require_podman
 
 pytestmark = [pytest.mark.kernel]
@@ -36,7 +36,7 @@ print("settimeofday", r, ctypes.get_errno())
 
 def explain_json(*args: str, timeout: float = 60) -> list[dict[str, Any]]:
     r = subprocess.run(
-        [sys.executable, "-m", "capwatch.cli", "explain", "--json", *args],
+        [sys.executable, "-m", "capwatch.commands.cli", "explain", "--json", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -119,7 +119,7 @@ class TestHostScenarios:
     def test_no_target_is_usage_error(self) -> None:
         """explain without a target: one line, exit 2."""
         r = subprocess.run(
-            [sys.executable, "-m", "capwatch.cli", "explain"],
+            [sys.executable, "-m", "capwatch.commands.cli", "explain"],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -131,7 +131,7 @@ class TestHostScenarios:
     def test_missing_pid(self) -> None:
         """explain of a pid that does not exist: one line, exit 1."""
         r = subprocess.run(
-            [sys.executable, "-m", "capwatch.cli", "explain", "99999999"],
+            [sys.executable, "-m", "capwatch.commands.cli", "explain", "99999999"],
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -207,7 +207,7 @@ class TestContainerScenarios:
             [
                 sys.executable,
                 "-m",
-                "capwatch.cli",
+                "capwatch.commands.cli",
                 "advise",
                 "--json",
                 "--container",
@@ -240,7 +240,7 @@ def test_failed_explain_leaves_no_cgroup() -> None:
 
     before = {p.name for p in unified_root().glob("capwatch-run-*")}
     r = subprocess.run(
-        [sys.executable, "-m", "capwatch.cli", "explain", "--policy", "/nonexistent", "--", "true"],
+        [sys.executable, "-m", "capwatch.commands.cli", "explain", "--policy", "/nonexistent", "--", "true"],
         capture_output=True,
         text=True,
         cwd=REPO,

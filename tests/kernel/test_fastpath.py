@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from capwatch._bpf import ProgramConfig, load
-from capwatch._ringbuf import RingReader
-from capwatch.events import Batch
-from capwatch.session import Session
-from tests.conftest import require_root, require_tool
+from capwatch.decode.events import Batch
+from capwatch.kernel.bpf import ProgramConfig, load
+from capwatch.kernel.ringbuf import RingReader
+from capwatch.kernel.session import Session
+from tests.helpers import require_root, require_tool
 from tests.kernel.workloads import Child, TempCgroup
 
 pytestmark = [pytest.mark.kernel]

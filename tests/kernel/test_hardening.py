@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require_root, require_tool
+from tests.helpers import REPO, require_root, require_tool
 from tests.kernel.tracing import TraceProcess, run_denied_date
 from tests.kernel.workloads import Child
 
@@ -71,8 +71,8 @@ class TestFaults:
         require_tool("unshare")
         script = (
             "umount -l /sys/kernel/debug 2>/dev/null; umount -l /sys/kernel/tracing 2>/dev/null; "
-            f"{sys.executable} -m capwatch.cli trace --attach tracepoint --duration 1; echo rc=$?; "
-            f"{sys.executable} -m capwatch.cli trace --duration 1 >/dev/null; echo rc=$?"
+            f"{sys.executable} -m capwatch.commands.cli trace --attach tracepoint --duration 1; echo rc=$?; "
+            f"{sys.executable} -m capwatch.commands.cli trace --duration 1 >/dev/null; echo rc=$?"
         )
         r = subprocess.run(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
@@ -94,7 +94,7 @@ class TestExposure:
         """serve with no --listen listens on 127.0.0.1:9649 only."""
         require_tool("ss")
         p = subprocess.Popen(
-            [sys.executable, "-m", "capwatch.cli", "serve"],
+            [sys.executable, "-m", "capwatch.commands.cli", "serve"],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

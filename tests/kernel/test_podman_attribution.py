@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from capwatch.containers import Attributor, ContainerNames
+from capwatch.attribution.containers import Attributor, ContainerNames
 from tests.kernel.podman import RUN, busybox_rootfs, require_podman
 
 pytestmark = pytest.mark.container

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from capwatch._ringbuf import RingReader, ringbuf_data_size
-from capwatch.events import F_DENIED
-from tests.conftest import REPO, require_root, require_tool
+from capwatch.decode.events import F_DENIED
+from capwatch.kernel.ringbuf import RingReader, ringbuf_data_size
+from tests.helpers import REPO, require_root, require_tool
 
 pytestmark = pytest.mark.kernel
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench._harness import Serve, free_port
-from tests.conftest import REPO, require_root
+from tests.helpers import REPO, require_root
 from tests.kernel.podman import (
     NO_SECCOMP,
     busybox_rootfs,
@@ -188,7 +188,7 @@ class TestServeEndpoints:
     def test_port_in_use(self, serve: Serve) -> None:
         """A second serve on the same port: one line, non-zero, before loading BPF."""
         r = subprocess.run(
-            [sys.executable, "-m", "capwatch.cli", "serve", "--listen", f"127.0.0.1:{serve.port}"],
+            [sys.executable, "-m", "capwatch.commands.cli", "serve", "--listen", f"127.0.0.1:{serve.port}"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -224,7 +224,7 @@ def test_serve_attach_failure_exits() -> None:
         [
             sys.executable,
             "-m",
-            "capwatch.cli",
+            "capwatch.commands.cli",
             "serve",
             "--listen",
             f"127.0.0.1:{free_port()}",

@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import pytest
 
-from capwatch._bpf import ProgramConfig, load, verify
 from capwatch.errors import CapwatchError
-from tests.conftest import require_root, require_tool, run_capwatch
+from capwatch.kernel.bpf import ProgramConfig, load, verify
+from tests.helpers import require_root, require_tool, run_capwatch
 from tests.kernel.tracing import TraceProcess, run_denied_date, setuid_loop
 
 pytestmark = [pytest.mark.kernel]
@@ -140,7 +140,7 @@ class TestPrivilegesAndHeaders:
         import sys
 
         r = subprocess.run(
-            [*self.SETPRIV, sys.executable, "-m", "capwatch.cli", "trace", "--duration", "1"],
+            [*self.SETPRIV, sys.executable, "-m", "capwatch.commands.cli", "trace", "--duration", "1"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -157,7 +157,7 @@ class TestPrivilegesAndHeaders:
         import sys
 
         r = subprocess.run(
-            [*self.SETPRIV, sys.executable, "-m", "capwatch.cli", "doctor"],
+            [*self.SETPRIV, sys.executable, "-m", "capwatch.commands.cli", "doctor"],
             capture_output=True,
             text=True,
             timeout=60,

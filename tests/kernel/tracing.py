@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CAPWATCH, REPO
+from tests.helpers import CAPWATCH, REPO
 
 
 class TraceProcess:

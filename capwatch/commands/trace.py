@@ -1,0 +1,108 @@
+"""`capwatch trace`: the pipeline with the table/JSON writer and the recent-denials store."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from capwatch.attribution.containers import Workload
+from capwatch.attribution.workloads import WorkloadFilter
+from capwatch.diagnose.policy import Policy
+from capwatch.pipeline import Pipeline, Sink, status_of
+
+__all__ = ["run_trace", "trace_pipeline"]
+
+
+def trace_pipeline(
+    resolve: Callable[[int], Workload],
+    sinks: Sequence[Sink],
+    *,
+    policy: Policy,
+    outcome: bool,
+    comm: str | None = None,
+    keep: WorkloadFilter | None = None,
+    unique: bool = False,
+    proc_root: str = "/proc",
+    note_pid: Callable[[int, int], None] | None = None,
+) -> Pipeline:
+    """trace's configuration: both rings, the command-line filters, classified
+    like serve's (the same denial makes the same record)."""
+    return Pipeline(
+        resolve,
+        sinks,
+        policy=policy,
+        outcome=outcome,
+        accept=(lambda ev: ev.comm == comm) if comm else None,
+        keep=keep if keep is not None and keep.active else None,
+        unique=unique,
+        snapshot=status_of(proc_root),
+        note_pid=note_pid,
+    )
+
+
+def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from capwatch.attribution.containers import Attributor
+    from capwatch.kernel import bpf
+    from capwatch.kernel.session import Session, stop_on_signals
+    from capwatch.sinks.recent import RecentDenials
+    from capwatch.sinks.render import JsonWriter, TableWriter
+
+    policy = Policy.load(args.policy)
+    keep = WorkloadFilter(
+        container=args.container, pod=args.pod, namespace=args.namespace, host_only=args.host_only
+    )
+    config = bpf.ProgramConfig(
+        emit_all=args.all,
+        unique=args.unique,
+        filter_pid=args.pid,
+        filter_cap=args.cap,
+        outcome=args.outcome,
+        check_pages=args.ring_pages,
+    )
+    stop = threading.Event()
+    stop_on_signals(stop)
+    session = Session(config, args.attach, kernel_headers=args.kernel_headers)
+    attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
+    for a in session.program.attempts:
+        if a.error is not None:
+            err.write(f"capwatch: {a.mode} not used: {a.error}\n")
+    what = "every check" if args.all else "distinct checks" if args.unique else "denials"
+    err.write(
+        f"capwatch: attached via {session.mode} in {session.attach_seconds:.1f}s"
+        f" (kernel headers: {session.program.headers.source}); tracing {what}, Ctrl-C to stop\n"
+    )
+    err.flush()
+    as_json = args.json or not out.isatty()
+    writer = JsonWriter(out) if as_json else TableWriter(out)
+    if args.duration:
+        timer = threading.Timer(args.duration, stop.set)
+        timer.daemon = True
+        timer.start()
+    pipeline = trace_pipeline(
+        attributor.resolve,
+        [writer, RecentDenials(args.state_file)],
+        policy=policy,
+        outcome=args.outcome,
+        comm=args.comm,
+        keep=keep,
+        unique=args.unique,
+        proc_root=args.proc_root,
+        note_pid=attributor.note_pid,
+    )
+    try:
+        session.run(stop, pipeline.on_batch, on_tick=pipeline.tick)
+        pipeline.close()
+    finally:
+        stats = session.program.read_stats()
+        errors = session.decode_errors()
+        session.close()
+        attributor.close()
+        lost = stats["lost_denials"] + stats["lost_checks"]
+        err.write(
+            f"capwatch: {pipeline.written} shown; lost {lost} (denials {stats['lost_denials']},"
+            f" checks {stats['lost_checks']}); rate-limited denials {stats['suppressed']};"
+            f" decode errors {errors}\n"
+        )
+    return 0

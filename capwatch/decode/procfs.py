@@ -1,0 +1,92 @@
+"""/proc/PID/status: a process's capability sets, parsed without a kernel.
+
+``proc_root`` is a parameter so that the DaemonSet can read the host's /proc
+(mounted at /host/proc) and tests can read fixture trees.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from capwatch.decode.caps import parse_mask
+from capwatch.errors import CapwatchError
+
+__all__ = ["CAP_FIELDS", "ProcStatus", "list_pids", "parse_status", "read_status"]
+
+#: The five capability sets, in the order /proc prints them.
+CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStatus:
+    pid: int
+    name: str
+    uid: int  # real uid
+    euid: int
+    cap_inh: int
+    cap_prm: int
+    cap_eff: int
+    cap_bnd: int
+    cap_amb: int
+    nspid: tuple[int, ...] = ()  # pid in each nested pid namespace, outermost first
+    no_new_privs: bool = False
+
+    def caps(self) -> dict[str, int]:
+        return {
+            "CapInh": self.cap_inh,
+            "CapPrm": self.cap_prm,
+            "CapEff": self.cap_eff,
+            "CapBnd": self.cap_bnd,
+            "CapAmb": self.cap_amb,
+        }
+
+
+def parse_status(text: str, pid: int = 0) -> ProcStatus:
+    """Parse the text of /proc/PID/status. Raises ValueError on a malformed one."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    try:
+        uids = fields["Uid"].split()
+        caps = [parse_mask(fields.get(f, "0")) for f in CAP_FIELDS]
+        nspid = tuple(int(x) for x in fields.get("NSpid", "").split())
+        return ProcStatus(
+            pid=int(fields.get("Pid", pid)),
+            name=fields.get("Name", "?"),
+            uid=int(uids[0]),
+            euid=int(uids[1]),
+            cap_inh=caps[0],
+            cap_prm=caps[1],
+            cap_eff=caps[2],
+            cap_bnd=caps[3],
+            cap_amb=caps[4],
+            nspid=nspid,
+            no_new_privs=fields.get("NoNewPrivs", "0") == "1",
+        )
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"malformed status: {exc}") from None
+
+
+def read_status(pid: int, *, proc_root: str = "/proc") -> ProcStatus:
+    path = os.path.join(proc_root, str(pid), "status")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise CapwatchError(f"no process with pid {pid} (no {path})") from None
+    except OSError as exc:
+        raise CapwatchError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return parse_status(text, pid)
+    except ValueError as exc:
+        raise CapwatchError(f"{path}: {exc}") from None
+
+
+def list_pids(*, proc_root: str = "/proc") -> list[int]:
+    try:
+        return sorted(int(d) for d in os.listdir(proc_root) if d.isdigit())
+    except OSError as exc:
+        raise CapwatchError(f"cannot list {proc_root}: {exc.strerror}") from None

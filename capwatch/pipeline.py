@@ -1,0 +1,427 @@
+"""The one path every capability check takes, whichever command watches.
+
+    source (ring batches) -> decode -> accept (event filters)
+      -> snapshot (a denying process's sets, read on arrival)
+      -> hold (until its workload is named, at most 1 s, in order)
+      -> join outcome (--outcome) -> classify (policy, outcome)
+      -> Check (one immutable record) -> keep / unique -> sinks
+
+`trace`, `serve`, `explain` and `advise` are configurations of
+:class:`Pipeline`: which filters, whether outcomes are joined, which sinks.
+A sink is anything with ``write(check)``, ``tick()`` and ``close()``: the
+table and JSON writers, the denial log, the exporter's denial counter, the
+recent-denials store, explain's collector.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from capwatch.attribution.containers import Workload
+from capwatch.attribution.workloads import HoldQueue, Identity, identity_of
+from capwatch.decode.caps import cap_name
+from capwatch.decode.events import Batch, Event, events_from_batch
+from capwatch.decode.procfs import ProcStatus, read_status
+from capwatch.decode.syscalls import syscall_name
+from capwatch.diagnose.explain import DenialFacts
+from capwatch.diagnose.outcome import Joined, OutcomeJoiner, outcome_text, role_of
+from capwatch.diagnose.policy import Policy
+from capwatch.errors import CapwatchError
+
+__all__ = ["Check", "Clock", "Pipeline", "Sink", "StatusSnapshots", "facts_of", "status_of"]
+
+
+class Clock:
+    """Turns bpf_ktime_get_ns() (CLOCK_MONOTONIC) into wall-clock seconds."""
+
+    def __init__(self) -> None:
+        self.offset_ns = time.time_ns() - time.monotonic_ns()
+
+    def wall(self, ts_ns: int) -> float:
+        return (ts_ns + self.offset_ns) / 1e9
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Check:
+    """One capability check, attributed, joined and classified: the record every
+    sink gets and every command prints (``to_dict`` is the JSON shape)."""
+
+    time: float  # wall-clock seconds since the epoch when the kernel saw it
+    pid: int
+    tid: int
+    uid: int
+    comm: str
+    cgroup_id: int
+    container: str  # the short form users read: a name, a short id, host, cgroup:<id>
+    kind: str
+    runtime: str
+    container_id: str
+    container_name: str
+    pod: str
+    namespace: str
+    service: str = ""
+    cap: int
+    denied: bool
+    syscall_nr: int
+    audit: bool | None = None  # None where the hook does not tell
+    insetid: bool | None = None
+    userns: bool | None = None
+    suppressed: int = 0  # denials of this key the kernel rate-limited since its last event
+    ret: int | None = None  # the syscall's result, when joined and known
+    joined: bool = False  # whether outcomes were joined (--outcome)
+    rule: str | None = None  # what made a denial expected (a policy rule, outcome:ENODEV)
+    status: ProcStatus | None = field(default=None, compare=False)  # sets read at the denial
+
+    @property
+    def capability(self) -> str:
+        return cap_name(self.cap)
+
+    @property
+    def verdict(self) -> str:
+        return "denied" if self.denied else "allowed"
+
+    @property
+    def syscall(self) -> str:
+        return syscall_name(self.syscall_nr)
+
+    @property
+    def outcome(self) -> str | None:
+        return outcome_text(self.ret) if self.joined else None
+
+    @property
+    def role(self) -> str | None:
+        return role_of(self.ret) if self.joined else None
+
+    @property
+    def expected(self) -> bool | None:
+        """Denials: whether the policy or the outcome explains them away."""
+        return self.rule is not None if self.denied else None
+
+    @property
+    def count(self) -> int:
+        """How many checks this record stands for."""
+        return 1 + self.suppressed
+
+    def iso_time(self) -> str:
+        return datetime.fromtimestamp(self.time, tz=UTC).isoformat(timespec="microseconds")
+
+    def to_dict(self, *, with_caps: bool = False) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "time": self.iso_time(),
+            "pid": self.pid,
+            "tid": self.tid,
+            "uid": self.uid,
+            "comm": self.comm,
+            "cgroup_id": self.cgroup_id,
+            "container": self.container,
+            "kind": self.kind,
+            "runtime": self.runtime,
+            "container_id": self.container_id,
+            "container_name": self.container_name,
+            "pod": self.pod,
+            "namespace": self.namespace,
+            "capability": self.capability,
+            "cap": self.cap,
+            "verdict": self.verdict,
+            "syscall": self.syscall,
+            "syscall_nr": self.syscall_nr,
+            "audit": self.audit,
+            "insetid": self.insetid,
+            "userns": self.userns,
+            "suppressed": self.suppressed,
+        }
+        if self.joined:
+            rec["outcome"], rec["role"] = self.outcome, self.role
+            if self.ret is not None:
+                rec["syscall_ret"] = self.ret
+        if self.denied:
+            rec["expected"], rec["rule"] = self.expected, self.rule
+        if self.service:
+            rec["service"] = self.service
+        if with_caps and self.status is not None:
+            st = self.status
+            rec["caps"] = {k: f"{v:016x}" for k, v in st.caps().items()}
+            rec["process"] = {
+                "pid": st.pid,
+                "name": st.name,
+                "uid": st.uid,
+                "euid": st.euid,
+                "nspid": list(st.nspid),
+                "no_new_privs": st.no_new_privs,
+            }
+        return rec
+
+    @classmethod
+    def from_dict(cls, rec: Mapping[str, Any]) -> Check:
+        """The inverse of :meth:`to_dict` (a state file). Raises ValueError."""
+        try:
+            ts = datetime.fromisoformat(str(rec["time"])).timestamp()
+            ret = rec.get("syscall_ret")
+            return cls(
+                time=ts,
+                pid=int(rec["pid"]),
+                tid=int(rec.get("tid", rec["pid"])),
+                uid=int(rec.get("uid", 0)),
+                comm=str(rec.get("comm", "?")),
+                cgroup_id=int(rec.get("cgroup_id", 0)),
+                container=str(rec.get("container") or ""),
+                kind=str(rec.get("kind") or "host"),
+                runtime=str(rec.get("runtime") or ""),
+                container_id=str(rec.get("container_id") or ""),
+                container_name=str(rec.get("container_name") or ""),
+                pod=str(rec.get("pod") or ""),
+                namespace=str(rec.get("namespace") or ""),
+                service=str(rec.get("service") or ""),
+                cap=int(rec["cap"]),
+                denied=rec.get("verdict", "denied") == "denied",
+                syscall_nr=int(rec.get("syscall_nr", -1)),
+                audit=_opt_bool(rec.get("audit")),
+                insetid=_opt_bool(rec.get("insetid")),
+                userns=_opt_bool(rec.get("userns")),
+                suppressed=int(rec.get("suppressed", 0)),
+                ret=None if ret is None else int(ret),
+                joined="outcome" in rec,
+                rule=None if rec.get("rule") is None else str(rec["rule"]),
+                status=_status_from(rec),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a capwatch record: {exc}") from None
+
+
+def _opt_bool(v: object) -> bool | None:
+    return None if v is None else bool(v)
+
+
+def _status_from(rec: Mapping[str, Any]) -> ProcStatus | None:
+    caps = rec.get("caps")
+    if not isinstance(caps, dict):
+        return None
+    proc = rec.get("process")
+    if not isinstance(proc, dict):
+        proc = {}
+    try:
+        return ProcStatus(
+            pid=int(proc.get("pid", rec["pid"])),
+            name=str(proc.get("name", rec.get("comm", ""))),
+            uid=int(proc.get("uid", rec.get("uid", 0))),
+            euid=int(proc.get("euid", rec.get("uid", 0))),
+            cap_inh=int(caps["CapInh"], 16),
+            cap_prm=int(caps["CapPrm"], 16),
+            cap_eff=int(caps["CapEff"], 16),
+            cap_bnd=int(caps["CapBnd"], 16),
+            cap_amb=int(caps["CapAmb"], 16),
+            nspid=tuple(int(x) for x in proc.get("nspid", ())),
+            no_new_privs=bool(proc.get("no_new_privs", False)),
+        )
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def facts_of(c: Check, *, count: int | None = None) -> DenialFacts:
+    """What explain needs from a denial record (live, recorded or replayed)."""
+    kind = "kubernetes" if c.kind == "kubernetes" or c.pod else (c.runtime or c.kind)
+    return DenialFacts(
+        cap=c.cap,
+        syscall=c.syscall,
+        comm=c.comm,
+        pid=c.pid,
+        ret=c.ret,
+        known_probe=c.rule if c.rule is not None and not c.rule.startswith("outcome:") else None,
+        status=c.status,
+        kind=kind,
+        container=c.container_name or c.container,
+        pod=c.pod,
+        namespace=c.namespace,
+        service=c.service,
+        userns=c.userns,
+        count=c.count if count is None else count,
+    )
+
+
+class Sink(Protocol):
+    def write(self, check: Check) -> None: ...
+    def tick(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def status_of(proc_root: str) -> Callable[[Event], ProcStatus | None]:
+    """The default snapshot: the process's own /proc/PID/status, if it is still there."""
+
+    def read(ev: Event) -> ProcStatus | None:
+        with contextlib.suppress(CapwatchError):
+            return read_status(ev.pid, proc_root=proc_root)
+        return None
+
+    return read
+
+
+class StatusSnapshots:
+    """A denying process's capability sets, read once per process when its first
+    denial arrives (before any hold: short-lived processes are gone soon).
+    Bounded: the oldest processes are forgotten first."""
+
+    def __init__(self, read: Callable[[Event], ProcStatus | None], *, limit: int = 4096) -> None:
+        self._read = read
+        self._limit = limit
+        self._by_pid: OrderedDict[int, ProcStatus | None] = OrderedDict()
+
+    def take(self, ev: Event) -> None:
+        if ev.pid in self._by_pid:
+            self._by_pid.move_to_end(ev.pid)
+            return
+        self._by_pid[ev.pid] = self._read(ev)
+        if len(self._by_pid) > self._limit:
+            self._by_pid.popitem(last=False)
+
+    def get(self, pid: int) -> ProcStatus | None:
+        return self._by_pid.get(pid)
+
+
+class Pipeline:
+    """One configuration of the data path. Feed it ring batches with
+    :meth:`on_batch`; call :meth:`tick` after every drain and :meth:`close` once."""
+
+    def __init__(
+        self,
+        resolve: Callable[[int], Workload],
+        sinks: Sequence[Sink],
+        *,
+        policy: Policy | None = None,
+        outcome: bool = False,
+        rings: Iterable[str] | None = None,
+        accept: Callable[[Event], bool] | None = None,
+        keep: Callable[[Check], bool] | None = None,
+        unique: bool = False,
+        classify_allowed: bool = False,
+        snapshot: Callable[[Event], ProcStatus | None] | None = None,
+        note_pid: Callable[[int, int], None] | None = None,
+        k8s: bool = False,
+        clock: Clock | None = None,
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.resolve = resolve
+        self.sinks = list(sinks)
+        self.policy = policy
+        self.rings = None if rings is None else frozenset(rings)
+        self.accept = accept
+        self.keep = keep
+        self.unique = unique
+        self.classify_allowed = classify_allowed
+        self.snapshots = StatusSnapshots(snapshot) if snapshot is not None else None
+        self.clock = clock or Clock()
+        self._monotonic_ns = monotonic_ns
+        self._seen: set[tuple[Any, ...]] = set()
+        self._identity: dict[Workload, Identity] = {}
+        self.written = 0
+        self.hold = HoldQueue(resolve, self._joined_or_not, note_pid=note_pid, k8s=k8s)
+        self.joiner = OutcomeJoiner(self._emit) if outcome else None
+
+    # -- the event path --------------------------------------------------------
+
+    def on_batch(self, ring: str, batch: Batch) -> None:
+        if self.rings is not None and ring not in self.rings:
+            return
+        for ev in events_from_batch(batch):
+            self.push(ev)
+
+    def push(self, ev: Event) -> None:
+        if self.accept is not None and not ev.is_outcome and not self.accept(ev):
+            return
+        if self.snapshots is not None and ev.denied and not ev.is_outcome:
+            self.snapshots.take(ev)
+        self.hold.push(ev)
+
+    def _joined_or_not(self, ev: Event) -> None:
+        if self.joiner is not None:
+            self.joiner.feed(ev)
+        elif not ev.is_outcome:
+            self._emit(Joined(ev, None))
+
+    def _emit(self, j: Joined) -> None:
+        check = self.check_of(j)
+        if self.keep is not None and not self.keep(check):
+            return
+        if self.unique:
+            key = (check.container, check.comm, check.cap, check.denied, check.syscall_nr)
+            if key in self._seen:
+                return
+            if len(self._seen) >= 100_000:
+                self._seen.clear()
+            self._seen.add(key)
+        self.written += 1
+        for s in self.sinks:
+            s.write(check)
+
+    def check_of(self, j: Joined) -> Check:
+        ev = j.event
+        w = self.resolve(ev.cgroup_id)
+        ident = self._identity.get(w)
+        if ident is None:
+            if len(self._identity) > 10_000:
+                self._identity.clear()
+            ident = self._identity[w] = identity_of(w)
+        joined = self.joiner is not None and ev.denied
+        rule: str | None = None
+        if self.policy is not None and (ev.denied or self.classify_allowed):
+            container = "host" if w.kind == "host" else ident["container"]
+            r = self.policy.classify(
+                cap=ev.cap,
+                syscall=syscall_name(ev.syscall_nr),
+                comm=ev.comm,
+                container=container,
+                pod=ident["pod"],
+                namespace=ident["namespace"],
+            )
+            rule = r.name if r is not None else None
+        if rule is None and joined and ev.denied and j.role == "probe":
+            rule = f"outcome:{j.outcome}"
+        return Check(
+            time=self.clock.wall(ev.ts_ns),
+            pid=ev.pid,
+            tid=ev.tid,
+            uid=ev.uid,
+            comm=ev.comm,
+            cgroup_id=ev.cgroup_id,
+            container=ident["container"],
+            kind=ident["kind"],
+            runtime=ident["runtime"],
+            container_id=ident["container_id"],
+            container_name=ident["container_name"],
+            pod=ident["pod"],
+            namespace=ident["namespace"],
+            service=w.service,
+            cap=ev.cap,
+            denied=ev.denied,
+            syscall_nr=ev.syscall_nr,
+            audit=None if ev.noaudit is None else not ev.noaudit,
+            insetid=ev.insetid,
+            userns=ev.in_userns,
+            suppressed=ev.suppressed,
+            ret=j.ret if joined else None,
+            joined=joined,
+            rule=rule,
+            status=self.snapshots.get(ev.pid) if self.snapshots is not None and ev.denied else None,
+        )
+
+    # -- time ----------------------------------------------------------------
+
+    def tick(self) -> None:
+        self.hold.flush()
+        if self.joiner is not None:
+            self.joiner.expire(self._monotonic_ns())
+        for s in self.sinks:
+            s.tick()
+
+    def close(self) -> None:
+        """Everything held or pending goes out, then the sinks close."""
+        self.hold.flush(force=True)
+        if self.joiner is not None:
+            self.joiner.flush()
+        for s in self.sinks:
+            s.close()

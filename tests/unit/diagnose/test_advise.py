@@ -1,0 +1,52 @@
+"""Least-privilege advice from observations, without a kernel."""
+
+from __future__ import annotations
+
+from capwatch.diagnose.advise import Observation, advise
+
+
+class TestAdvise:
+    def test_used_capabilities_are_proposed_with_evidence(self) -> None:
+        """Allowed checks of the workload become the proposal, each with its evidence."""
+        a = advise(
+            [
+                Observation(10, False, "bind", "nc", count=1),
+                Observation(0, False, "fchownat", "chown"),
+            ],
+            duration_s=5,
+            target="t",
+        )
+        assert [0, 10] == a.caps
+        assert ["allowed in bind (nc) x1"] == a.grant[10]
+        assert '    add: ["CHOWN", "NET_BIND_SERVICE"]\n' in a.kubernetes()
+        assert "--cap-drop=ALL --cap-add=CHOWN --cap-add=NET_BIND_SERVICE" == a.docker()
+
+    def test_probes_and_runtime_are_not_proposed(self) -> None:
+        """Denied probes, known-probe rules, uncertain outcomes and runtime setup never make the list."""
+        obs = [
+            Observation(16, True, "ioctl", "ifconfig", role="probe", outcome="ENODEV"),
+            Observation(21, False, "mmap", "app", probe_rule="vm-enough-memory-probe"),
+            Observation(21, True, "execve", "runc:[2:INIT]", role="probe"),
+            Observation(19, True, "openat", "app", role="unknown"),
+            Observation(8, False, "prctl", "runc:[2:INIT]"),
+        ]
+        a = advise(obs, duration_s=5, target="t")
+        assert [] == a.caps
+        assert {8, 16, 19, 21} == set(a.ignored)
+        assert "drop them all" in a.render()
+
+    def test_denied_cause_must_be_added(self) -> None:
+        """A denial that failed the call (EPERM) is proposed as missing."""
+        a = advise(
+            [Observation(25, True, "clock_settime", "date", role="cause", outcome="EPERM")],
+            duration_s=5,
+            target="t",
+        )
+        assert [25] == a.caps
+        assert 25 in a.missing
+        assert "(denied now: add it)" in a.render()
+
+    def test_dangerous_warning(self) -> None:
+        """Proposing SYS_ADMIN comes with a warning."""
+        a = advise([Observation(21, False, "mount", "app")], duration_s=1, target="t")
+        assert ["CAP_SYS_ADMIN"] == a.to_dict()["dangerous"]
