@@ -234,7 +234,7 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 		u64 *init = initns.lookup(&zero);
 		if (init && *init == 0)
 			*init = ns;
-		stat_inc(CW_STAT_SELF);
+		stat_inc(CW_STAT_OWN_CHECKS);
 		return 0;
 	}
 

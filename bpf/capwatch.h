@@ -57,7 +57,7 @@ struct cw_cache {
 #define CW_STAT_LOST_CHECKS 1	/* checks ring full (--all/--unique): reserve failed */
 #define CW_STAT_SUPPRESSED 2	/* denials held back by the per-(pid, cap) rate limit */
 #define CW_STAT_COUNT_FAIL 3	/* count map full: a check could not be counted */
-#define CW_STAT_SELF 4		/* capwatch's own checks on the streaming path (not sent) */
+#define CW_STAT_OWN_CHECKS 4	/* capwatch's own checks on the streaming path (not sent) */
 #define CW_STAT_LOST_OUTCOMES 5 /* denial ring full when a syscall's outcome was to be sent */
 #define CW_STAT_NR 8
 

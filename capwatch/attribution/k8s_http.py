@@ -20,21 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from capwatch.errors import ApiError, K8sConfigError
+
 __all__ = ["ApiClient", "ApiConfig", "ApiError", "K8sConfigError"]
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-class K8sConfigError(Exception):
-    """No usable API configuration (not in a cluster, or token/CA missing)."""
-
-
-class ApiError(Exception):
-    """The API server answered with an error status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)

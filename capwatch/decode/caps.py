@@ -2,7 +2,7 @@
 
 Pure Python, no kernel. Numbers follow include/uapi/linux/capability.h
 (CAP_LAST_CAP = 40, CAP_CHECKPOINT_RESTORE, since Linux 5.9). Unknown numbers
-decode as ``unknown_cap:N``; nothing here raises on a number.
+decode as ``cap:N``; nothing here raises on a number.
 """
 
 from __future__ import annotations
@@ -104,10 +104,10 @@ DANGEROUS: frozenset[int] = frozenset(
 
 
 def cap_name(number: int) -> str:
-    """CAP_SYS_TIME for 25; ``unknown_cap:N`` for a number past the table."""
+    """CAP_SYS_TIME for 25; ``cap:N`` for a number past the table."""
     if 0 <= number <= CAP_LAST_CAP:
         return CAPS[number].name
-    return f"unknown_cap:{number}"
+    return f"cap:{number}"
 
 
 def cap_short(number: int) -> str:

@@ -26,7 +26,7 @@ import yaml
 
 from capwatch.decode.caps import parse_cap
 from capwatch.decode.syscalls import syscall_table
-from capwatch.errors import CapwatchError
+from capwatch.errors import PolicyError
 
 __all__ = ["DEFAULT_POLICY", "Policy", "PolicyError", "Rule"]
 
@@ -46,17 +46,6 @@ _DEGRADED_SYSCALL: Final = re.compile(r"syscall:\d+|-")  # capwatch.decode.sysca
 _CACHE_MAX: Final = 65536
 
 _Matcher = Callable[[str], bool]
-
-
-class PolicyError(CapwatchError):
-    """A policy file that cannot be used: ``policy FILE:LINE: reason``."""
-
-    def __init__(self, source: str, line: int | None, reason: str) -> None:
-        self.source = source
-        self.line = line
-        self.reason = reason
-        where = source if line is None else f"{source}:{line}"
-        super().__init__(f"policy {where}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)

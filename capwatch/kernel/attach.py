@@ -1,6 +1,6 @@
 """Attach-mode selection: pure logic, no kernel (unit-tested with fake loaders).
 
-Preference (DESIGN.md): the raw tracepoint cap_capable (Linux 6.14+), the
+Preference (docs/design.md, "Kernel side"): the raw tracepoint cap_capable (Linux 6.14+), the
 regular tracepoint capability:cap_capable, fexit on cap_capable, then
 kprobe + kretprobe on cap_capable (older kernels).
 """

@@ -65,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 
 from capwatch.decode.events import EVENT_DTYPE, EVENT_SIZE
-from capwatch.errors import CapwatchError
+from capwatch.errors import RingBufferError
 
 __all__ = [
     "BUSY_BIT",
@@ -96,10 +96,6 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv6
 def _as_events(payloads: npt.NDArray[np.uint8]) -> npt.NDArray[np.void]:
     """(n, EVENT_SIZE) bytes, already a private C-contiguous copy -> n events."""
     return payloads.view(EVENT_DTYPE).reshape(len(payloads))
-
-
-class RingBufferError(CapwatchError):
-    """The fd is not a usable ring-buffer map, or it could not be mapped."""
 
 
 class _InfoAttr(ctypes.Structure):
