@@ -34,7 +34,7 @@ from capwatch.kernel import bpf as _bpf
 from capwatch.kernel.session import Session, stop_on_signals
 from capwatch.pipeline import Check, Pipeline, facts_of, status_of
 
-__all__ = ["Collector", "Observed", "Target", "run_advise", "run_explain"]
+__all__ = ["Findings", "Observed", "Target", "run_advise", "run_explain"]
 
 
 @dataclass
@@ -103,7 +103,7 @@ def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
     raise UsageError("say what to watch: PID, --container NAME|ID, or -- COMMAND ARGS")
 
 
-class Collector:
+class Findings:
     """explain's and advise's sink: the target's denials (checks, with the sets
     read at arrival) and a count of its allowed checks."""
 
@@ -162,7 +162,7 @@ def _stand_in(attributor: Attributor, proc_root: str, ev: Event) -> procfs.ProcS
 
 @dataclass
 class Observed:
-    collector: Collector
+    collector: Findings
     seconds: float
     returncode: int | None = None  # the command's exit status, when a command was run
 
@@ -181,7 +181,7 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
     policy = Policy.load(getattr(args, "policy", None))
     stop = threading.Event()
     attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
-    col = Collector()
+    col = Findings()
     cgroups = target.cgroup_ids
     pipeline = Pipeline(
         attributor.resolve,
@@ -254,7 +254,7 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
     return Observed(col, time.monotonic() - t0, child.returncode if child is not None else None)
 
 
-def _explanations(col: Collector) -> list[Explanation]:
+def _explanations(col: Findings) -> list[Explanation]:
     seen: dict[tuple[Any, ...], Explanation] = {}
     for c in col.denials:
         key = (c.comm, c.cap, c.syscall, c.outcome)

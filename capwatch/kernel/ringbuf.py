@@ -72,8 +72,10 @@ __all__ = [
     "DISCARD_BIT",
     "HDR_SIZE",
     "RECORD_STRIDE",
+    "TSO_MACHINES",
     "RingBufferError",
     "RingReader",
+    "check_memory_order",
     "ringbuf_data_size",
 ]
 
@@ -145,6 +147,22 @@ def ringbuf_data_size(map_fd: int) -> int:
     return int(info.max_entries)
 
 
+#: Machines whose memory model (TSO) makes the plain loads and store above safe.
+TSO_MACHINES = frozenset({"x86_64", "amd64", "i686", "i386"})
+
+
+def check_memory_order(machine: str | None = None) -> None:
+    """Refuse to read a ring where plain loads may be reordered (arm64, ppc64le,
+    riscv64, s390x is TSO-like but untested): a wrong read there would decode a
+    half-written record as an event, silently. Raises RingBufferError."""
+    m = platform.machine() if machine is None else machine
+    if m not in TSO_MACHINES:
+        raise RingBufferError(
+            f"the batch ring reader is only safe on x86 (total store order); this is {m}:"
+            " its loads need acquire/release barriers that this reader does not make yet"
+        )
+
+
 class RingReader:
     """Consumer of one BPF_MAP_TYPE_RINGBUF map whose records are capwatch events.
 
@@ -156,6 +174,7 @@ class RingReader:
     def __init__(
         self, map_fd: int, data_size: int | None = None, *, page_size: int | None = None
     ) -> None:
+        check_memory_order()
         self.records_read = 0  # events returned
         self.bytes_read = 0  # ring bytes consumed: headers, discarded and bad records included
         self.batches = 0  # read_batch calls that consumed anything

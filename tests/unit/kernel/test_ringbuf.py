@@ -386,3 +386,20 @@ class TestRingReaderRoundTrip:
             reader.close()
         finally:
             ring.close()
+
+
+class TestMemoryOrder:
+    @pytest.mark.parametrize("machine", ["aarch64", "ppc64le", "riscv64", "armv7l"])
+    def test_weakly_ordered_machines_are_refused(self, machine: str) -> None:
+        """Where loads may be reordered the reader refuses with one line, rather
+        than decode half-written records as events."""
+        from capwatch.errors import RingBufferError
+        from capwatch.kernel.ringbuf import check_memory_order
+
+        with pytest.raises(RingBufferError, match=f"only safe on x86.*this is {machine}"):
+            check_memory_order(machine)
+
+    def test_x86_64_is_accepted(self) -> None:
+        from capwatch.kernel.ringbuf import check_memory_order
+
+        check_memory_order("x86_64")
