@@ -48,6 +48,29 @@ def explain_json(*args: str, timeout: float = 60) -> list[dict[str, Any]]:
     return out
 
 
+def watching(command: str, *args: str, go: Any, timeout: float = 90) -> str:
+    """Run ``capwatch COMMAND --json ARGS`` on a container; once it says it is watching
+    (attached), call ``go()`` to let the container act. Returns stdout. No race
+    with the attach time, however loaded the machine is."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "capwatch.commands.cli", command, "--json", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert p.stderr is not None
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if line.startswith("capwatch: watching"):
+            break
+    go()
+    out, err = p.communicate(timeout=timeout)
+    assert 0 == p.returncode, "".join(seen) + err
+    return out
+
+
 def by_cap(exps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {e["capability"]: e for e in exps}
 
@@ -153,17 +176,20 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def container(rootfs: Path) -> Iterator[Any]:
     names: list[str] = []
 
-    def start(script: str, *extra: str) -> str:
+    def start(script: str, *extra: str) -> tuple[str, Any]:
+        """Start a container whose ``script`` runs once the returned go() is called."""
         name = new_name()
         names.append(name)
+        flag = f"/tmp/go-{name}"
+        wait = f"until [ -e {flag} ]; do sleep 0.05; done; "
         subprocess.run(
-            [*RUN, "-d", "--name", name, *extra, "--rootfs", str(rootfs), "sh", "-c", script],
+            [*RUN, "-d", "--name", name, *extra, "--rootfs", str(rootfs), "sh", "-c", wait + script],
             capture_output=True,
             text=True,
             check=True,
             timeout=60,
         )
-        return name
+        return name, (rootfs / flag.lstrip("/")).touch
 
     yield start
     podman_rm(*names)
@@ -174,8 +200,9 @@ class TestContainerScenarios:
     def test_date_in_container(self, container: Any) -> None:
         """date -s in a podman container: EPERM, the container's bounding set lacks SYS_TIME,
         fix podman run --cap-add=SYS_TIME."""
-        name = container("sleep 2; date -s 2020-01-01; sleep 3", *NO_SECCOMP)
-        e = by_cap(explain_json("--container", name, "--duration", "5"))["CAP_SYS_TIME"]
+        name, go = container("date -s 2020-01-01; sleep 3", *NO_SECCOMP)
+        out = watching("explain", "--container", name, "--duration", "4", go=go)
+        e = by_cap(json.loads(out.strip().splitlines()[-1]))["CAP_SYS_TIME"]
         assert ("clock_settime", "EPERM", "cause", "bounding") == (
             e["syscall"],
             e["outcome"],
@@ -186,8 +213,9 @@ class TestContainerScenarios:
 
     def test_ifconfig_probe_in_container(self, container: Any) -> None:
         """ifconfig nosuchdev0 in a container: CAP_SYS_MODULE denied, ioctl ENODEV: a probe, no fix."""
-        name = container("sleep 2; ifconfig nosuchdev0; sleep 3")
-        e = by_cap(explain_json("--container", name, "--duration", "5"))["CAP_SYS_MODULE"]
+        name, go = container("ifconfig nosuchdev0; sleep 3")
+        out = watching("explain", "--container", name, "--duration", "4", go=go)
+        e = by_cap(json.loads(out.strip().splitlines()[-1]))["CAP_SYS_MODULE"]
         assert ("ioctl", "ENODEV", "probe", []) == (
             e["syscall"],
             e["outcome"],
@@ -198,31 +226,13 @@ class TestContainerScenarios:
     def test_advise_port_and_chown(self, container: Any) -> None:
         """A container binding port 80 and chowning a file: advise proposes NET_BIND_SERVICE and
         CHOWN; every other proposal rests on an allowed check of the workload itself."""
-        name = container(
-            "sleep 2; (nc -l -p 80 &); sleep 0.5; touch /tmp/f; chown 1000 /tmp/f; sleep 3",
+        name, go = container(
+            "(nc -l -p 80 &); sleep 0.5; touch /tmp/f; chown 1000 /tmp/f; sleep 3",
             "--network",
             "none",
         )
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "capwatch.commands.cli",
-                "advise",
-                "--json",
-                "--container",
-                name,
-                "--duration",
-                "5",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-            check=False,
-        )
-        assert 0 == r.returncode, r.stderr
-        a = json.loads(r.stdout)
+        out = watching("advise", "--container", name, "--duration", "4", go=go)
+        a = json.loads(out)
         assert {"CAP_NET_BIND_SERVICE", "CAP_CHOWN"} <= set(a["capabilities"]), a
         for cap in a["capabilities"]:
             ev = a["evidence"][cap]
