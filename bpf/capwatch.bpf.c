@@ -9,7 +9,7 @@
  *   CW_NO_AUTOATTACH   name the programs so BCC does not attach them (verifier tests)
  *   CW_SELF_PID        capwatch's own tgid: its checks are not reported
  *   CW_EMIT_ALL        send allowed checks too (to the checks ring)
- *   CW_UNIQUE          send only the first check of each distinct tuple
+ *   CW_UNIQUE          send only the first allowed check of each distinct tuple
  *   CW_FILTER_PID, CW_FILTER_CAP, CW_FILTER_CGROUP   restrict what is sent
  *                      (never what is counted)
  *   CW_DENIAL_PAGES, CW_CHECK_PAGES  ring sizes in pages (powers of two)
@@ -294,7 +294,9 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 	sk.denied = denied;
 	__builtin_memcpy(sk.comm, comm, sizeof(comm));
 	u8 one8 = 1;
-	if (seen.insert(&sk, &one8) != 0)
+	/* Allowed checks only: denials keep their own (rate-limited) path, so a
+	 * unique stream still carries every denial (serve --profiles counts them). */
+	if (!denied && seen.insert(&sk, &one8) != 0)
 		return 0; /* seen before (or the table is full of newer tuples) */
 #endif
 

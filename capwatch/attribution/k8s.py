@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "ApiConfig",
     "ContainerRef",
     "K8sConfigError",
+    "OwnerResolver",
     "PodCache",
     "PodInfo",
     "PodWatcher",
@@ -69,6 +70,10 @@ class PodInfo:
     node: str
     resource_version: str
     containers: Mapping[str, ContainerRef]  # by container id
+    owners: tuple[Mapping[str, Any], ...] = ()  # metadata.ownerReferences
+    #: container name -> securityContext
+    security: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    runtime: str = ""  # the node's runtime, from the containers' ids (containerd, crio, docker)
 
 
 def parse_container_id(value: str) -> tuple[str, str]:
@@ -91,6 +96,15 @@ def pod_from_object(obj: Mapping[str, Any]) -> PodInfo | None:
     if not isinstance(uid, str) or not uid:
         return None
     containers: dict[str, ContainerRef] = {}
+    security: dict[str, Mapping[str, Any]] = {}
+    specs = spec.get("containers")
+    for entry in specs if isinstance(specs, list) else []:
+        c = _dict(entry)
+        if isinstance(c.get("name"), str):
+            security[c["name"]] = MappingProxyType(_dict(c.get("securityContext")))
+    owners = tuple(
+        MappingProxyType(_dict(r)) for r in meta.get("ownerReferences") or [] if isinstance(r, dict)
+    )
     for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
         statuses = status.get(key)
         for entry in statuses if isinstance(statuses, list) else []:
@@ -106,6 +120,9 @@ def pod_from_object(obj: Mapping[str, Any]) -> PodInfo | None:
         node=str(spec.get("nodeName", "")),
         resource_version=str(meta.get("resourceVersion", "")),
         containers=MappingProxyType(containers),
+        owners=owners,
+        security=MappingProxyType(security),
+        runtime=next((c.runtime for c in containers.values() if c.runtime), ""),
     )
 
 
@@ -139,6 +156,10 @@ class PodCache:
             return None
         ref = pod.containers.get(container_id)
         return None if ref is None else (pod, ref)
+
+    def pods(self) -> list[PodInfo]:
+        """Every pod known now (a snapshot)."""
+        return list(self._pods.values())
 
     def subscribe(self, listener: PodListener) -> None:
         """Call ``listener(changed_uids)`` after every change."""
@@ -213,6 +234,7 @@ class PodWatcher:
         start: bool = True,
     ) -> None:
         self.cache = cache if cache is not None else PodCache()
+        self.api = api
         self.node_name = node_name
         self._client = ApiClient(api)
         self._watch_timeout = watch_timeout
@@ -333,3 +355,51 @@ class PodWatcher:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class OwnerResolver:
+    """A ReplicaSet's or Job's own ownerReferences (to find its Deployment or
+    CronJob), fetched with GET and cached: at most ``limit`` entries, each kept
+    ``ttl`` seconds; a failed GET is cached too (as unknown), so a missing RBAC
+    rule costs one request per object per ``ttl``, never one per scrape."""
+
+    PATHS: Mapping[str, str] = MappingProxyType(
+        {
+            "ReplicaSet": "/apis/apps/v1/namespaces/{ns}/replicasets/{name}",
+            "Job": "/apis/batch/v1/namespaces/{ns}/jobs/{name}",
+        }
+    )
+
+    def __init__(self, api: ApiConfig, *, limit: int = 4096, ttl: float = 600.0) -> None:
+        self._client = ApiClient(api)
+        self._limit = limit
+        self._ttl = ttl
+        self._cache: dict[tuple[str, str, str], tuple[float, list[Mapping[str, Any]] | None]] = {}
+        self.errors = 0
+
+    def __call__(self, kind: str, namespace: str, name: str) -> list[Mapping[str, Any]] | None:
+        import time
+
+        path = self.PATHS.get(kind)
+        if path is None:
+            return None
+        key = (kind, namespace, name)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < self._ttl:
+            return hit[1]
+        refs: list[Mapping[str, Any]] | None
+        try:
+            obj = self._client.get_json(path.format(ns=namespace, name=name), {})
+            got = _dict(obj.get("metadata")).get("ownerReferences")
+            refs = [r for r in got if isinstance(r, dict)] if isinstance(got, list) else []
+        except (OSError, ValueError, ApiError) as e:
+            self.errors += 1
+            _log.warning(
+                "k8s_owner_lookup_failed", kind=kind, namespace=namespace, name=name, error=str(e)
+            )
+            refs = None
+        if len(self._cache) >= self._limit:
+            self._cache.clear()
+        self._cache[key] = (now, refs)
+        return refs

@@ -89,7 +89,23 @@ def _build_parser() -> _Parser:
         help="metrics address (default 127.0.0.1:9649; loopback unless told otherwise)",
     )
     add_policy(sv)
-    sv.add_argument("--node", help="node name for the log (default $NODE_NAME or the hostname)")
+    sv.add_argument(
+        "--node",
+        "--node-name",
+        dest="node",
+        help="node name for the log and profiles (default $NODE_NAME or the hostname)",
+    )
+    sv.add_argument(
+        "--profiles",
+        action="store_true",
+        help="capability profiles of Kubernetes workloads (each distinct allowed check streamed once)",
+    )
+    sv.add_argument(
+        "--profile-refresh",
+        type=duration,
+        default=300.0,
+        help="how often each distinct allowed check is streamed again (last-seen times; default 5m)",
+    )
     sv.add_argument(
         "--outcome",
         action="store_true",
@@ -143,6 +159,25 @@ def _build_parser() -> _Parser:
         )
         add_policy(ex)
         ex.add_argument("--json", action="store_true")
+        if name == "advise":
+            ex.add_argument(
+                "--prometheus",
+                metavar="URL",
+                help="every Kubernetes workload's least set, from serve --profiles via Prometheus",
+            )
+            ex.add_argument(
+                "--from-serve",
+                metavar="URL",
+                help="the same from one serve's /metrics (one node, no Prometheus)",
+            )
+            ex.add_argument("--namespace", help="only workloads of this namespace")
+            ex.add_argument("--workload", metavar="KIND/NAME", help="only this workload")
+            ex.add_argument(
+                "--since",
+                type=duration,
+                default=7 * 86400.0,
+                help="how far back Prometheus looks (default 7d)",
+            )
         if name == "explain":
             ex.add_argument(
                 "--last",
@@ -165,13 +200,25 @@ def _observe_cmd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch.commands import observe
 
     targets = sum(
-        bool(x) for x in (args.cmd, args.pid, args.container, getattr(args, "last", None))
+        bool(x)
+        for x in (
+            args.cmd,
+            args.pid,
+            args.container,
+            getattr(args, "last", None),
+            getattr(args, "prometheus", None),
+            getattr(args, "from_serve", None),
+        )
     )
     if targets != 1:
         raise UsageError(
             f"{args.command}: give exactly one of PID, --container NAME, -- COMMAND"
-            + (", --last" if args.command == "explain" else "")
+            + (", --last" if args.command == "explain" else ", --prometheus URL, --from-serve URL")
         )
+    if args.command == "advise" and (args.prometheus or args.from_serve):
+        from capwatch.commands.profile_report import run_profile_report
+
+        return run_profile_report(args, out)
     if args.command == "explain":
         return observe.run_explain(args, out, err)
     return observe.run_advise(args, out, err)

@@ -37,7 +37,7 @@ def positive_int(text: str) -> int:
 def duration(text: str) -> float:
     t = text.strip().lower()
     scale = 1.0
-    for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+    for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0)):
         if t.endswith(suffix):
             t, scale = t[: -len(suffix)], mult
             break

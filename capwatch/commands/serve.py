@@ -13,7 +13,7 @@ import os
 import platform
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
@@ -27,6 +27,9 @@ from capwatch.sinks.denylog import DenialLog
 from capwatch.sinks.exporter import CapwatchCollector, DenialCounter, ExporterState
 from capwatch.sinks.recent import RecentDenials
 from capwatch.sinks.server import MetricsServer
+
+if TYPE_CHECKING:
+    from capwatch.sinks.profiles import ProfileSink
 
 __all__ = ["health_of", "run_serve", "serve_pipeline"]
 
@@ -42,19 +45,40 @@ def serve_pipeline(
     k8s: bool = False,
     proc_root: str = "/proc",
     note_pid: Callable[[int, int], None] | None = None,
+    profiles: bool = False,
 ) -> Pipeline:
-    """serve's configuration: denials only, classified, held for names (Kubernetes
-    ones too), each denying process's sets read on arrival."""
+    """serve's configuration: denials only (and, with profiles, each distinct
+    allowed check, classified like denials), held for names (Kubernetes ones
+    too), each denying process's sets read on arrival."""
     return Pipeline(
         resolve,
         sinks,
         policy=policy,
         outcome=outcome,
-        rings=("denials",),
+        rings=("denials", "checks") if profiles else ("denials",),
+        classify_allowed=profiles,
         snapshot=status_of(proc_root),
         note_pid=note_pid,
         k8s=k8s,
     )
+
+
+def _every(
+    period: float, action: Callable[[], object], *, then: Callable[[], None]
+) -> Callable[[], None]:
+    """A tick that also runs ``action`` once every ``period`` seconds."""
+    import time
+
+    due = [time.monotonic() + period]
+
+    def tick() -> None:
+        now = time.monotonic()
+        if now >= due[0]:
+            due[0] = now + period
+            action()
+        then()
+
+    return tick
 
 
 def health_of(s: Session | None, stall_seconds: float = STALL_SECONDS) -> tuple[bool, str]:
@@ -71,8 +95,9 @@ def health_of(s: Session | None, stall_seconds: float = STALL_SECONDS) -> tuple[
 
 
 def run_serve(args: Any, out: TextIO) -> int:
-    from capwatch.attribution.k8s import K8sConfigError, PodWatcher
+    from capwatch.attribution.k8s import K8sConfigError, OwnerResolver, PodWatcher
     from capwatch.kernel import privs as _privs
+    from capwatch.sinks.profiles import ProfileSink
 
     configure_logging(out, "json")  # the DaemonSet's log: JSON lines, every module
     log = structlog.get_logger("capwatch.serve")
@@ -89,15 +114,19 @@ def run_serve(args: Any, out: TextIO) -> int:
         return health_of(holder.get("session"))
 
     collector: list[CapwatchCollector] = []
+    extra: list[ProfileSink] = []
 
     def render() -> bytes:
-        return collector[0].exposition() if collector else b""
+        if not collector:
+            return b""
+        return collector[0].exposition() + b"".join(p.exposition() for p in extra)
 
     server = MetricsServer(render, health, host, port)  # binds now: fail before loading BPF
     watcher = None
     attributor = None
     try:
-        config = _bpf.ProgramConfig(outcome=args.outcome)
+        # --profiles: each distinct allowed check crosses once (per refresh period)
+        config = _bpf.ProgramConfig(outcome=args.outcome, unique=args.profiles)
         session = Session(config, args.attach, kernel_headers=args.kernel_headers)
         holder["session"] = session
         for a in session.program.attempts:
@@ -113,6 +142,7 @@ def run_serve(args: Any, out: TextIO) -> int:
             node=node,
             policy=policy.source,
             outcome=args.outcome,
+            profiles=args.profiles,
         )
         if args.drop_privileges:
             try:
@@ -144,23 +174,36 @@ def run_serve(args: Any, out: TextIO) -> int:
             k8s=watcher is not None,
         )
         collector.append(CapwatchCollector(state))
+        sinks: list[Sink] = [
+            DenialCounter(state),
+            DenialLog(out, interval=args.log_interval, node=node, fmt="json"),
+            RecentDenials(args.state_file),
+        ]
+        if args.profiles:
+            profile = ProfileSink(
+                node=node,
+                pods=watcher.cache if watcher is not None else None,
+                owners=OwnerResolver(watcher.api) if watcher is not None else None,
+            )
+            extra.append(profile)
+            sinks.append(profile)
         pipeline = serve_pipeline(
             attributor.resolve,
-            [
-                DenialCounter(state),
-                DenialLog(out, interval=args.log_interval, node=node, fmt="json"),
-                RecentDenials(args.state_file),
-            ],
+            sinks,
             policy=policy,
             outcome=args.outcome,
             k8s=watcher is not None,
             proc_root=args.proc_root,
             note_pid=attributor.note_pid,
+            profiles=args.profiles,
         )
+        tick = pipeline.tick
+        if args.profiles:
+            tick = _every(args.profile_refresh, session.program.reset_unique, then=pipeline.tick)
         server.start()
         log.info("serving", listen=f"{host}:{server.port}", endpoints=["/metrics", "/healthz"])
         try:
-            session.run(stop, pipeline.on_batch, on_tick=pipeline.tick)
+            session.run(stop, pipeline.on_batch, on_tick=tick)
         finally:
             pipeline.close()
             stats = session.program.read_stats()

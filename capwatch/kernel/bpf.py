@@ -323,6 +323,19 @@ class LoadedProgram:
             with contextlib.suppress(KeyError):
                 del table[table.Key(cg, cap, int(denied))]
 
+    def reset_unique(self) -> int:
+        """Forget which distinct allowed checks were sent (--unique), so each is sent
+        again on its next occurrence: serve --profiles does this periodically to
+        keep last-seen times current. Returns how many tuples were forgotten."""
+        if not self.config.unique:
+            return 0
+        table = self._bpf[b"seen"]
+        keys = list(table.keys())
+        for k in keys:
+            with contextlib.suppress(KeyError):
+                del table[k]
+        return len(keys)
+
     def read_stats(self) -> dict[str, int]:
         table = self._bpf[b"stats"]
         import ctypes
