@@ -96,6 +96,11 @@ def _build_parser() -> _Parser:
         help="node name for the log and profiles (default $NODE_NAME or the hostname)",
     )
     sv.add_argument(
+        "--kube-api",
+        metavar="URL",
+        help="Kubernetes API base URL outside a cluster (e.g. kubectl proxy's http://127.0.0.1:8001)",
+    )
+    sv.add_argument(
         "--profiles",
         action="store_true",
         help="capability profiles of Kubernetes workloads (each distinct allowed check streamed once)",

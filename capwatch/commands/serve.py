@@ -151,7 +151,12 @@ def run_serve(args: Any, out: TextIO) -> int:
             except OSError as exc:
                 log.warning("capabilities_not_dropped", error=str(exc))
         try:
-            watcher = PodWatcher.from_environment()
+            if args.kube_api:  # out of cluster: kubectl proxy, or a test's API server
+                from capwatch.attribution.k8s_http import ApiConfig
+
+                watcher = PodWatcher(ApiConfig(base_url=args.kube_api), node)
+            else:
+                watcher = PodWatcher.from_environment()
             log.info(
                 "kubernetes_metadata",
                 node=watcher.node_name if hasattr(watcher, "node_name") else node,
