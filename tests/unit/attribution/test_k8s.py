@@ -271,7 +271,7 @@ class TestPodWatcher:
         cache = w.cache
         try:
             assert w.ready.wait(5)
-            assert {API_UID, DNS_UID} <= set(cache._pods)
+            assert None not in (cache.pod(API_UID), cache.pod(DNS_UID))
             assert wait_until(lambda: cache.pod(WORKER_UID) is not None)
             assert cache.container(WORKER_CID) is None  # Pending: no containerID yet
             gate1.set()
