@@ -8,11 +8,15 @@ in a cgroup of its own, causes one real denial (date -s without CAP_SYS_TIME)
 a second. Afterwards: every trickle denial must be in the metrics (exact) and
 in the log (distinct line + summaries whose counts add up), losses must be
 zero or counted, and serve's CPU and memory are reported. Exit 1 on failure.
+
+With --json, prints the measured figures as one JSON object instead (no
+verdict; exit 0 once measured): the test suite applies its own thresholds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -23,6 +27,7 @@ from bench._harness import Cgroup, Serve, checks, compile_c, machine
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON, no verdict")
     a = ap.parse_args(argv)
     flood_bin = compile_c("flood")
     serve = Serve("--log-interval", "10s")
@@ -81,6 +86,31 @@ def main(argv: list[str] | None = None) -> int:
     f_lines = [x for x in log if x.get("container") == floodcg.label]
     lost = {k: v for k, v in m.items() if k.startswith("capwatch_events_lost_total")}
     cpu = after["cpu_s"] - before["cpu_s"]
+    lost_d = lost.get('capwatch_events_lost_total{ring="denials"}', 0)
+    lost_c = lost.get('capwatch_events_lost_total{ring="checks"}', 0)
+    if a.json:
+        figures = {
+            "seconds": elapsed,
+            "trickle_sent": sent,
+            "trickle_checks_total": got_metric,
+            "trickle_denials_total": got_denials,
+            "trickle_log_summary_count": t_summary,
+            "flood_allowed_made": allowed,
+            "flood_denied_made": denied,
+            "flood_allowed_counted": flood_allowed,
+            "flood_denied_counted": flood_denied,
+            "flood_suppressed": m.get("capwatch_denials_suppressed_total", 0),
+            "flood_log_lines": len(f_lines),
+            "lost_denials": lost_d,
+            "lost_checks": lost_c,
+            "serve_cpu_s": cpu,
+            "serve_rss_mib_start": before["rss_mib"],
+            "serve_rss_mib_max": rss_max,
+            "serve_rss_mib_end": after["rss_mib"],
+            "serve_stop_s": stop_s,
+        }
+        print(json.dumps(figures))
+        return 0
     ok = (
         got_metric == sent
         and got_denials == sent
@@ -103,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"| trickle denials caused / in checks_total / in denials_total / in log summaries | {sent} / {got_metric:.0f} / {got_denials:.0f} / {t_summary} |"
     )
-    lost_d = lost.get('capwatch_events_lost_total{ring="denials"}', 0)
-    lost_c = lost.get('capwatch_events_lost_total{ring="checks"}', 0)
     print(f"| events lost (denials ring / checks ring) | {lost_d:.0f} / {lost_c:.0f} |")
     print(f"| serve CPU during the flood | {cpu:.2f} s ({100 * cpu / elapsed:.1f}% of one core) |")
     print(

@@ -10,6 +10,9 @@ every 5 s. Passes when, after a warm-up (a fifth of the run, at least 30 s),
 RSS grows less than 5%, fds do not grow, every container's denial was
 counted, and the series of containers removed more than TTL + 15 s ago have
 expired. Prints a table; exit 1 on failure.
+
+With --json, prints the measured figures as one JSON object instead (no
+verdict; exit 0 once measured): the test suite applies its own thresholds.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--series-ttl", type=float, default=30.0)
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON, no verdict")
     a = ap.parse_args(argv)
     total = a.minutes * 60
     warm = max(30.0, total / 5)
@@ -154,6 +158,29 @@ def main(argv: list[str] | None = None) -> int:
     base, last = after[0] if after else samples[0][1], samples[-1][1]
     rss_growth = (last["rss_mib"] - base["rss_mib"]) / base["rss_mib"] * 100
     fd_growth = last["fds"] - base["fds"]
+    lost = sum(v for k, v in m.items() if k.startswith("capwatch_events_lost_total"))
+    if a.json:
+        figures = {
+            "seconds": end - t0,
+            "warm_up_s": warm,
+            "series_ttl_s": a.series_ttl,
+            "containers": len(containers),
+            "host_denials": host_denials,
+            "rss_mib_after_warm_up": base["rss_mib"],
+            "rss_mib_end": last["rss_mib"],
+            "fds_after_warm_up": base["fds"],
+            "fds_end": last["fds"],
+            "serve_cpu_s": last["cpu_s"] - samples[0][1]["cpu_s"],
+            "removed_past_ttl": expired_due,
+            "removed_past_ttl_still_exported": not_expired,
+            "recent": recent,
+            "recent_without_series": missing_recent,
+            "prometheus_up": [float(str(r["value"][1])) for r in up],  # type: ignore[index]
+            "events_lost": lost,
+            "serve_stop_s": stop_s,
+        }
+        print(json.dumps(figures))
+        return 0
     ok = rss_growth < 5 and fd_growth <= 0 and not not_expired and not missing_recent and bool(up)
     print(
         f"machine: {machine()}; soak {total / 60:.1f} min, warm-up {warm:.0f} s, series TTL {a.series_ttl:g} s"
@@ -176,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"| Prometheus scraping (up / capwatch_build_info series) | {len(up)} / {scraped[0]['value'][1] if scraped else 0} |"
     )  # type: ignore[index]
-    print(
-        f"| events lost | {sum(v for k, v in m.items() if k.startswith('capwatch_events_lost_total')):.0f} |"
-    )
+    print(f"| events lost | {lost:.0f} |")
     print(f"| SIGTERM to exit | {stop_s:.2f} s |")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

@@ -183,7 +183,7 @@ static __always_inline u64 count_check(s32 cap, u32 denied)
 		c->seq_head = seq;
 	}
 	if ((u32)cap < CW_NCAP) {
-		c->n[(cap & (CW_NCAP - 1)) * 2 + (denied & 1)]++;
+		c->n[CW_CACHE_SLOT(cap, denied)]++;
 	} else {
 		struct cw_count_key k = {.cgroup_id = cg, .cap = cap, .denied = denied};
 		count_add(&k, 1);

@@ -45,6 +45,9 @@ struct cw_count_key {
  * the copy. n[] is flat ([cap * 2 + denied]): bcc 0.26 sizes 2-D arrays in map
  * values at half their size. */
 #define CW_NCAP 64
+/* The slot of n[] that counts (cap, denied), cap < CW_NCAP; the user-space
+ * reader decodes slot i as cap = i >> 1, denied = i & 1 (capwatch.kernel.bpf). */
+#define CW_CACHE_SLOT(cap, denied) (((cap) & (CW_NCAP - 1)) * 2 + ((denied)&1))
 struct cw_cache {
 	__u64 seq_head;
 	__u64 cgroup_id;

@@ -43,6 +43,30 @@ def require_tool(name: str) -> str:
     return path
 
 
+def c_header_values(workdir: Path, exprs: dict[str, str], *, decls: str = "") -> dict[str, int]:
+    """Evaluate integer C expressions (sizeof, offsetof, macros) against
+    bpf/capwatch.h with the host C compiler: the reference that Python mirrors
+    of the header are checked against. ``decls`` go at the top of main()."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to read the header's layout")
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/types.h>",
+        '#include "capwatch.h"',
+        "int main(void) {",
+        decls,
+    ]
+    lines += [f'printf("{k} %lld\\n", (long long)({v}));' for k, v in exprs.items()]
+    lines += ["return 0; }"]
+    (workdir / "values.c").write_text("\n".join(lines))
+    exe = workdir / "values"
+    subprocess.run([cc, f"-I{REPO / 'bpf'}", "-o", str(exe), str(workdir / "values.c")], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
 def run_capwatch(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CAPWATCH, *args],
@@ -73,6 +97,7 @@ CONTRACT_METRICS: dict[str, frozenset[str]] = {
     "capwatch_ringbuf_consumer_lag_seconds": frozenset(),
     "capwatch_scrape_duration_seconds": frozenset(),
 }
+
 
 class FakeSource:
     """Counts keyed like the kernel's map: (cgroup id, cap, denied) -> count."""

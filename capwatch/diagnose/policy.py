@@ -109,6 +109,11 @@ class Policy:
     def __repr__(self) -> str:
         return f"Policy({len(self.rules)} rules from {self.source})"
 
+    @property
+    def cache_size(self) -> int:
+        """How many denial shapes the classification cache holds (bounded)."""
+        return len(self._cache)
+
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> Policy:
         """Read a policy file; ``None`` loads the shipped default.

@@ -24,12 +24,14 @@ from capwatch.kernel.attach import Attempt, Selection, select_mode
 from capwatch.kernel.headers import HeaderTree, find_headers
 
 __all__ = [
+    "COUNT_KEY_DTYPE",
     "STAT_NAMES",
     "LoadedProgram",
     "ProgramConfig",
     "RingSpec",
     "bpf_source_dir",
     "build_cflags",
+    "cache_slot_key",
     "check_privileges",
     "load",
 ]
@@ -179,7 +181,14 @@ def _reason(exc: BaseException, stderr: list[str]) -> str:
     return msg
 
 
-_COUNT_KEY = np.dtype([("cgroup_id", "<u8"), ("cap", "<i4"), ("denied", "<u4")])
+#: Mirror of ``struct cw_count_key`` (bpf/capwatch.h), the count map's key.
+COUNT_KEY_DTYPE = np.dtype([("cgroup_id", "<u8"), ("cap", "<i4"), ("denied", "<u4")])
+
+
+def cache_slot_key(slot: int) -> tuple[int, bool]:
+    """(capability, denied) counted in slot ``slot`` of ``struct cw_cache``'s n[]
+    (the inverse of capwatch.h's CW_CACHE_SLOT)."""
+    return slot >> 1, bool(slot & 1)
 
 
 class _CountBatch:
@@ -195,7 +204,7 @@ class _CountBatch:
         self.fd = fd
         self.max = max_entries
         self.ncpu = len(get_possible_cpus())
-        self.keys = np.zeros(max_entries, dtype=_COUNT_KEY)
+        self.keys = np.zeros(max_entries, dtype=COUNT_KEY_DTYPE)
         self.values = np.zeros((max_entries, self.ncpu), dtype="<u8")
 
     def read(self) -> tuple[Any, Any, Any, Any]:
@@ -297,7 +306,7 @@ class LoadedProgram:
                     out[key] = out.get(key, 0) + n
             for i, n in enumerate(cached):
                 if n:
-                    key = (cg, i >> 1, bool(i & 1))
+                    key = (cg, *cache_slot_key(i))
                     out[key] = out.get(key, 0) + n
         return out
 

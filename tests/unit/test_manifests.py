@@ -11,8 +11,10 @@ DaemonSet has what a node agent needs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -591,23 +593,161 @@ class TestEntrypoint:
         assert "/mine" == run(env={"CAPWATCH_KERNEL_HEADERS": "/mine"})[0]
 
 
+def containerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """A Containerfile's instructions as (KEYWORD, arguments): comment lines dropped
+    (also inside a continuation, as the builder does), backslash continuations joined."""
+    out: list[tuple[str, str]] = []
+    pending: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or (not stripped and not pending):
+            continue
+        if stripped.endswith("\\"):
+            pending.append(stripped[:-1].strip())
+            continue
+        pending.append(stripped)
+        keyword, _, args = " ".join(p for p in pending if p).partition(" ")
+        out.append((keyword.upper(), args.strip()))
+        pending = []
+    assert not pending, "the file ends inside a continuation"
+    return out
+
+
+def shell_commands(script: str) -> list[list[str]]:
+    """The simple commands of a shell text (a RUN instruction or a script), as word
+    lists: comments dropped, continuations joined, split at ; && || | and newlines.
+    Enough for the flat command lists these files hold (no quoting of separators)."""
+    joined = re.sub(r"\\\n", " ", script)
+    out: list[list[str]] = []
+    for line in joined.splitlines():
+        lex = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+        lex.commenters = "#"
+        lex.whitespace_split = True
+        cmd: list[str] = []
+        for tok in lex:
+            if tok and set(tok) <= set(";&|"):
+                if cmd:
+                    out.append(cmd)
+                cmd = []
+            else:
+                cmd.append(tok)
+        if cmd:
+            out.append(cmd)
+    return out
+
+
+def run_commands(text: str) -> list[list[str]]:
+    """Every simple command of every RUN instruction of a Containerfile."""
+    return [
+        cmd
+        for keyword, args in containerfile_instructions(text)
+        if keyword == "RUN"
+        for cmd in shell_commands(args)
+    ]
+
+
+def command_words(commands: list[list[str]], *head: str) -> list[str]:
+    """The words after ``head`` in every command that starts with ``head`` (after
+    a leading ``in_root``, build-rootfs.sh's chroot wrapper)."""
+    out: list[str] = []
+    for cmd in commands:
+        words = cmd[1:] if cmd[:1] == ["in_root"] else cmd
+        if tuple(words[: len(head)]) == head:
+            out += words[len(head) :]
+    return out
+
+
+def apt_packages(commands: list[list[str]]) -> set[str]:
+    """Packages installed by apt-get install or debootstrap --include=."""
+    words = command_words(commands, "apt-get", "install")
+    names = {w for w in words if not w.startswith("-")}
+    for w in command_words(commands, "debootstrap"):
+        if w.startswith("--include="):
+            names |= set(w.removeprefix("--include=").split(","))
+    return names
+
+
+CONTAINERFILE = DEPLOY / "Containerfile"
+ROOTFS_SCRIPT = DEPLOY / "build-rootfs.sh"
+ENTRYPOINT = "/usr/local/bin/capwatch-entrypoint"
+
+
+class TestImageDefinitionParser:
+    """The parsers the image tests rely on see instructions, not comments."""
+
+    TEXT = """\
+# apt-get install -y python3-numpy
+FROM debian:12-slim
+RUN set -eux; \\
+    # a comment line inside the continuation
+    apt-get install -y --no-install-recommends python3-bpfcc; \\
+    echo done  # apt-get install python3-venv
+# COPY deploy/entrypoint.sh /usr/local/bin/capwatch-entrypoint
+"""
+
+    def test_comments_are_not_instructions(self) -> None:
+        """Only FROM and one joined RUN; the commented-out COPY is not there."""
+        keywords = [k for k, _ in containerfile_instructions(self.TEXT)]
+        assert ["FROM", "RUN"] == keywords
+
+    def test_packages_named_only_in_comments_are_not_installed(self) -> None:
+        """python3-numpy and python3-venv appear only in comments: not installed."""
+        assert {"python3-bpfcc"} == apt_packages(run_commands(self.TEXT))
+
+    def test_commands_split_at_separators(self) -> None:
+        """A RUN splits into its simple commands, the trailing comment dropped."""
+        assert [["echo", "done"]] == [c for c in run_commands(self.TEXT) if c[0] == "echo"]
+
+
 class TestImageDefinition:
     @pytest.mark.parametrize("package", ["python3-bpfcc", "python3-venv", "python3-numpy"])
     def test_image_and_offline_rootfs_install_the_same_packages(self, package: str) -> None:
-        """deploy/Containerfile and deploy/build-rootfs.sh install the same Debian packages."""
-        containerfile = (DEPLOY / "Containerfile").read_text()
-        script = (DEPLOY / "build-rootfs.sh").read_text()
-        assert (True, True) == (package in containerfile, package in script)
+        """deploy/Containerfile (apt-get install in a RUN) and deploy/build-rootfs.sh
+        (debootstrap --include) install the same Debian packages."""
+        image = apt_packages(run_commands(CONTAINERFILE.read_text()))
+        rootfs = apt_packages(shell_commands(ROOTFS_SCRIPT.read_text()))
+        assert (True, True) == (package in image, package in rootfs)
+        assert image == rootfs
 
-    def test_both_unpack_the_split_header_pair_and_install_the_entrypoint(self) -> None:
-        """Both unpack linux-headers-X + -common keeping /lib a symlink, and ship the entrypoint."""
-        for text in (
-            (DEPLOY / "Containerfile").read_text(),
-            (DEPLOY / "build-rootfs.sh").read_text(),
-        ):
-            assert "--keep-directory-symlink" in text
-            assert "-common" in text
-            assert "/usr/local/bin/capwatch-entrypoint" in text
+    @pytest.mark.parametrize(
+        "commands",
+        [
+            pytest.param(lambda: run_commands(CONTAINERFILE.read_text()), id="Containerfile"),
+            pytest.param(lambda: shell_commands(ROOTFS_SCRIPT.read_text()), id="build-rootfs.sh"),
+        ],
+    )
+    def test_both_unpack_the_split_header_pair(self, commands: Any) -> None:
+        """Both download linux-headers-X + its -common package, and unpack each .deb
+        with tar --keep-directory-symlink (so /lib stays a symlink)."""
+        cmds: list[list[str]] = commands()
+        code = "\n".join(" ".join(c) for c in cmds)
+        assert re.search(
+            r"apt-cache depends \$arch_pkg\nawk /Depends: linux-headers-\.\*-common/", code
+        )
+        assert re.search(r"apt-get download (-\S+ )*\$arch_pkg \$common_pkg", code)
+        unpack = [i for i, c in enumerate(cmds) if "--fsys-tarfile" in c]
+        assert unpack
+        for i in unpack:  # dpkg-deb --fsys-tarfile "$deb" | tar ...
+            assert "tar" == cmds[i + 1][0]
+            assert "--keep-directory-symlink" in cmds[i + 1]
+
+    def test_image_ships_and_runs_the_entrypoint(self) -> None:
+        """The image copies deploy/entrypoint.sh executable to the entrypoint path and runs it."""
+        instructions = containerfile_instructions(CONTAINERFILE.read_text())
+        copies = [args.split() for k, args in instructions if k == "COPY"]
+        assert any(
+            c[-2:] == ["deploy/entrypoint.sh", ENTRYPOINT] and "--chmod=0755" in c for c in copies
+        )
+        entrypoints = [args for k, args in instructions if k == "ENTRYPOINT"]
+        assert [[ENTRYPOINT]] == [json.loads(e) for e in entrypoints]
+
+    def test_rootfs_installs_the_entrypoint(self) -> None:
+        """build-rootfs.sh installs deploy/entrypoint.sh executable at the entrypoint path."""
+        installs = [c for c in shell_commands(ROOTFS_SCRIPT.read_text()) if c[:1] == ["install"]]
+        assert any(
+            "0755" in c and c[-2].endswith("/deploy/entrypoint.sh") and c[-1].endswith(ENTRYPOINT)
+            for c in installs
+        )
 
     @pytest.mark.parametrize(
         ("shell", "script"), [("bash", "build-rootfs.sh"), ("sh", "entrypoint.sh")]

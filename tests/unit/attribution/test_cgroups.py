@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -275,21 +276,22 @@ class TestCgroupResolver:
         r.close()
 
     def test_background_miss_returns_at_once_then_resolves(self, tmp_path: Path) -> None:
-        """With the walker thread, a miss returns None immediately and the id resolves soon."""
+        """With the walker thread, a miss returns None at once and the id resolves soon:
+        the walk it asked for runs on the walker thread, never on the caller's."""
         r = CgroupResolver(str(tmp_path), min_walk_interval=0.05)
+        walked_on: list[threading.Thread] = []
+        r.subscribe(lambda _: walked_on.append(threading.current_thread()))
         try:
             ino = make_tree(tmp_path, ["/late"])["/late"]
-            t0 = time.perf_counter()
-            first = r.lookup(ino)
-            elapsed = time.perf_counter() - t0
-            assert first is None
-            assert elapsed < 0.05  # no walk on the caller's thread
+            assert r.lookup(ino) is None
             deadline = time.monotonic() + 5
             while r.lookup(ino) is None and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert "/late" == r.lookup(ino)
         finally:
             r.close()
+        assert walked_on
+        assert threading.current_thread() not in walked_on
 
     def test_listener_errors_do_not_break_walks(self, tmp_path: Path) -> None:
         """A failing listener is logged; the walk result stands."""

@@ -377,8 +377,18 @@ class TestAttributor:
     def clock(self) -> FakeClock:
         return FakeClock()
 
-    def make(self, root: Path, clock: FakeClock, **kwargs: Any) -> Attributor:
-        resolver = CgroupResolver(str(root), background=False, clock=clock)
+    @staticmethod
+    def resolver(root: Path, clock: FakeClock) -> CgroupResolver:
+        return CgroupResolver(str(root), background=False, clock=clock)
+
+    def make(
+        self,
+        root: Path,
+        clock: FakeClock,
+        resolver: CgroupResolver | None = None,
+        **kwargs: Any,
+    ) -> Attributor:
+        resolver = resolver or self.resolver(root, clock)
         names = ContainerNames(storage_root=str(PODMAN_STORE), inspect=False, background=False)
         return Attributor(resolver=resolver, container_names=names, **kwargs)
 
@@ -398,17 +408,18 @@ class TestAttributor:
 
     def test_unknown_then_found(self, tmp_path: Path, clock: FakeClock) -> None:
         """An id created after start shows cgroup:<id>, then resolves after the next walk."""
-        a = self.make(tmp_path, clock)
+        resolver = self.resolver(tmp_path, clock)
+        a = self.make(tmp_path, clock, resolver)
         ino = make_cgroups(tmp_path, ["/system.slice/late.service"])["/system.slice/late.service"]
         assert f"cgroup:{ino}" == a.resolve(ino).label
         clock.now += 1
-        a._resolver.lookup(ino)  # the walk the miss asked for (synchronous mode)
+        resolver.lookup(ino)  # the walk the miss asked for (synchronous mode)
         assert "late.service" == a.resolve(ino).label
 
     def test_permanently_unknown_stops_asking(self, tmp_path: Path, clock: FakeClock) -> None:
         """An id a later walk did not find stays cgroup:<id> without more walks."""
-        a = self.make(tmp_path, clock)
-        resolver = a._resolver
+        resolver = self.resolver(tmp_path, clock)
+        a = self.make(tmp_path, clock, resolver)
         bogus = 10**12
         a.resolve(bogus)
         clock.now += 1
@@ -420,13 +431,23 @@ class TestAttributor:
         assert walks == resolver.walks
 
     def test_periodic_rescan_retries_unknown(self, tmp_path: Path, clock: FakeClock) -> None:
-        """After a periodic rescan, an id given up on is tried again."""
-        a = self.make(tmp_path, clock)
-        a.resolve(10**12)
+        """An id given up on stays cgroup:<id> through ordinary walks, even once its
+        cgroup shows up; the next periodic rescan tries it again and names it."""
+        resolver = self.resolver(tmp_path, clock)
+        a = self.make(tmp_path, clock, resolver)
+        ino = make_cgroups(tmp_path, ["/late.service"])["/late.service"]
+        away = tmp_path.parent / f"{tmp_path.name}-away"
+        (tmp_path / "late.service").rename(away)  # same inode, outside the cgroup root
+        assert f"cgroup:{ino}" == a.resolve(ino).label
         clock.now += 1
-        a._resolver.walk()
-        a._resolver.walk(periodic=True)
-        assert 10**12 not in a._cache
+        resolver.walk()  # began after the miss and did not find it: given up
+        away.rename(tmp_path / "late.service")
+        clock.now += 1
+        resolver.walk()
+        assert ino in resolver.known()
+        assert f"cgroup:{ino}" == a.resolve(ino).label
+        resolver.walk(periodic=True)
+        assert "late.service" == a.resolve(ino).label
 
     def test_forgotten_cgroup_leaves_cache(self, tmp_path: Path, clock: FakeClock) -> None:
         """After the dead TTL the cached workload of a removed cgroup is dropped."""
@@ -436,17 +457,22 @@ class TestAttributor:
         assert "gone.service" == a.resolve(ino).label
         (tmp_path / "gone.service").rmdir()
         resolver.walk()
+        assert "gone.service" == a.resolve(ino).label  # dead, still within the TTL
         clock.now += 6
         resolver.walk()
-        assert ino not in a._cache
+        assert f"cgroup:{ino}" == a.resolve(ino).label
 
     def test_flood_of_unknown_ids_is_bounded(self, tmp_path: Path, clock: FakeClock) -> None:
-        """Many distinct bogus ids: answers stay cgroup:<id>, the cache stays bounded."""
-        a = self.make(tmp_path, clock)
-        for i in range(10_000):
-            assert f"cgroup:{10**12 + i}" == a.resolve(10**12 + i).label
-        assert len(a._cache) <= 4096 + 1
-        assert 1 == a._resolver.walks
+        """Many distinct bogus ids: answers stay cgroup:<id>, one walk, and only a
+        bounded number of them is remembered (a remembered answer is the same object)."""
+        resolver = self.resolver(tmp_path, clock)
+        a = self.make(tmp_path, clock, resolver)
+        bogus = range(10**12, 10**12 + 10_000)
+        for cid in bogus:
+            assert f"cgroup:{cid}" == a.resolve(cid).label
+        remembered = sum(a.resolve(cid) is a.resolve(cid) for cid in bogus)
+        assert 0 < remembered <= 4096
+        assert 1 == resolver.walks
 
     def test_no_cgroup_root(self, tmp_path: Path) -> None:
         """Without a cgroup2 mount every id degrades to cgroup:<id>."""
@@ -514,10 +540,17 @@ class TestAttributor:
 
     def test_close_unsubscribes(self, tmp_path: Path, clock: FakeClock) -> None:
         """After close the pod cache no longer calls the attributor."""
+        path = (
+            f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/"
+            f"cri-containerd-{CID}.scope"
+        )
+        cg = make_cgroups(tmp_path, [path])[path]
         pods = PodCache()
         a = self.make(tmp_path, clock, k8s=pods)
+        assert CID[:12] == a.resolve(cg).label
         a.close()
-        assert [] == pods._listeners
+        pods.apply("ADDED", pod_object(UID, "api-7d4b9", CID, "10"))
+        assert CID[:12] == a.resolve(cg).label  # not told: the cached answer stands
 
     def test_this_process(self) -> None:
         """On this host, resolving our own cgroup id gives a resolved workload."""
