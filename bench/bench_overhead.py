@@ -181,6 +181,7 @@ def variants() -> list[Variant]:
         ),
         Capwatch(emit_all=False),
         Capwatch(emit_all=False, outcome=True),
+        Capwatch(emit_all=False, unique=True),
         Capwatch(emit_all=True),
         Bpftrace(raw=False),
         Bpftrace(raw=True),

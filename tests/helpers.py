@@ -81,6 +81,20 @@ def run_capwatch(*args: str, timeout: float = 60, **kw: object) -> subprocess.Co
 #: The metrics and labels that deploy/ (alert rules, dashboard) relies on: the
 #: contract between the exporter and what reads it.
 CONTRACT_METRICS: dict[str, frozenset[str]] = {
+    # serve --profiles (capwatch.sinks.profiles)
+    "capwatch_capability_last_seen_seconds": frozenset(
+        [
+            "namespace",
+            "workload_kind",
+            "workload",
+            "container",
+            "pod",
+            "node",
+            "capability",
+            "syscall",
+            "use",
+        ]
+    ),
     "capwatch_checks_total": frozenset(
         {"capability", "verdict", "namespace", "pod", "container", "runtime"}
     ),

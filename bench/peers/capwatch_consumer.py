@@ -33,10 +33,13 @@ def main() -> None:
     parser.add_argument("--cgroup-id", type=int, required=True)
     parser.add_argument("--cap", type=int, required=True)
     parser.add_argument("--outcome", action="store_true", help="outcome mode (sys_exit hook)")
+    parser.add_argument(
+        "--unique", action="store_true", help="each distinct allowed check once (serve --profiles)"
+    )
     parser.add_argument("--mode", default="auto")
     args = parser.parse_args()
 
-    session = Session(ProgramConfig(emit_all=args.all, outcome=args.outcome), args.mode)
+    session = Session(ProgramConfig(emit_all=args.all, outcome=args.outcome, unique=args.unique), args.mode)
     print(json.dumps({"attach_s": session.attach_seconds, "mode": session.mode}), flush=True)
 
     stop = threading.Event()

@@ -281,17 +281,28 @@ def rate(received: int, last_event_ns: int, t0_ns: int) -> float | None:
 
 
 class Capwatch(ConsumerProcess):
-    def __init__(self, emit_all: bool, outcome: bool = False) -> None:
+    def __init__(self, emit_all: bool, outcome: bool = False, unique: bool = False) -> None:
         super().__init__()
         self.emit_all = emit_all
         self.outcome = outcome
+        self.unique = unique
         self.streams = emit_all
-        self.key = "cw-all" if emit_all else "cw-outcome" if outcome else "cw-default"
+        self.key = (
+            "cw-all"
+            if emit_all
+            else "cw-outcome"
+            if outcome
+            else "cw-profiles"
+            if unique
+            else "cw-default"
+        )
         self.title = (
             "capwatch --all (every check to the ring, Session batches)"
             if emit_all
             else "capwatch --outcome (default + a syscall-exit hook on every syscall)"
             if outcome
+            else "capwatch serve --profiles (default + each distinct allowed check once)"
+            if unique
             else "capwatch default (counts in the map, denials to the ring)"
         )
         self.ready_marker = "attach_s"
@@ -303,6 +314,7 @@ class Capwatch(ConsumerProcess):
             "bench.peers.capwatch_consumer",
             *(["--all"] if self.emit_all else []),
             *(["--outcome"] if self.outcome else []),
+            *(["--unique"] if self.unique else []),
             f"--cgroup-id={env.cgroup_id}",
             f"--cap={env.cap}",
         ]

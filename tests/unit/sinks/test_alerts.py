@@ -210,6 +210,7 @@ class TestAlertDefinitions:
             "CapwatchEventsLost",
             "CapwatchExporterDown",
             "CapwatchConsumerLag",
+            "CapwatchCapabilityOutsideProfile",
         }
         assert required == required & names
 

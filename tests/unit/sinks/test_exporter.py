@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from capwatch.attribution.containers import Workload, classify
 from capwatch.sinks.exporter import METRIC_NAMES, CapwatchCollector, ExporterState
+from capwatch.sinks.profiles import PROFILE_METRICS
 from tests.helpers import CONTRACT_METRICS, FakeSource
 
 CID = "340583a2a7181ca3900b47c12ac598e49d84f0a748abd3279b7ca3228a636bc1"
@@ -150,7 +151,7 @@ class TestCollector:
 
     def test_metric_names_follow_the_contract(self) -> None:
         """Every name the exporter declares is in the alert/dashboard contract, and the other way round."""
-        assert set(CONTRACT_METRICS) - {"up"} <= set(METRIC_NAMES)
+        assert set(CONTRACT_METRICS) - {"up"} <= set(METRIC_NAMES) | set(PROFILE_METRICS)
         src = FakeSource()
         src.counts = {(1, 7, False): 1}
         names = {k.split("{")[0] for k in scrape(ExporterState(src, workloads({})))}  # type: ignore[arg-type]
