@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from capwatch import _bpf, procfs
 from capwatch.advise import Observation, advise
-from capwatch.cgroups import find_cgroup2_mount, walk_cgroup_tree
+from capwatch.cgroups import cgroup_owners, find_cgroup2_mount, walk_cgroup_tree
 from capwatch.containers import Attributor, ContainerNames, Workload, classify
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.events import Batch, Event, events_from_batch
@@ -57,7 +57,7 @@ def _container_cgroups(args: argparse.Namespace, text: str) -> tuple[str, set[in
     names = ContainerNames(background=False)
     found: dict[int, Workload] = {}
     for cid, path in walk_cgroup_tree(root).items():
-        w = classify(path, cid)
+        w = classify(path, cid, owners=cgroup_owners(root, path))
         if not w.container_id or w.monitor:
             continue
         if (len(text) >= 3 and w.container_id.startswith(text)) or (
