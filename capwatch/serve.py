@@ -201,12 +201,14 @@ def run_serve(args: Any, out: TextIO) -> int:
             policy=policy.source,
             outcome=args.outcome,
         )
-        if args.drop_privileges:
-            try:
-                kept = _privs.drop_capabilities(_privs.KEEP_AFTER_ATTACH)
-                log.info("capabilities_dropped", kept=kept)
-            except OSError as exc:
-                log.warning("capabilities_not_dropped", error=str(exc))
+        if args.drop_privileges:  # fatal on failure (CapwatchError): --no-drop-privileges
+            dropped = _privs.drop_privileges(_privs.KEEP_AFTER_ATTACH)
+            log.info(
+                "capabilities_dropped",
+                kept=dropped.kept,
+                bounding_reduced=dropped.bounding_reduced,
+                no_new_privs=True,
+            )
         try:
             watcher = PodWatcher.from_environment()
             log.info(
