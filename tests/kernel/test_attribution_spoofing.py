@@ -17,6 +17,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from bench._harness import Serve
 from tests.conftest import require_root, require_tool
 from tests.kernel.podman import (
     RUN,
@@ -188,3 +190,60 @@ def test_spoofed_container_is_the_attackers(victim: Victim) -> None:
             p.wait()
         for top in tops:
             remove_tree(top)
+
+
+def test_serve_after_the_drop_sees_through_a_hidden_subtree(tmp_path: Path) -> None:
+    """The attacker makes its delegated directory 0700, so that serve, once down to
+    CAP_BPF (no CAP_DAC_READ_SEARCH), cannot walk into it: the denials are still
+    counted, attributed to uid 4242's delegated cgroup (learnt from the process's
+    /proc/PID/cgroup), not to the pod it names."""
+    require_root()
+    require_tool("setpriv")
+    root = unified_root()
+    top = root / f"capwatch-test-{secrets.token_hex(4)}"
+    user = top / f"user-{ATTACKER}.slice" / f"user@{ATTACKER}.service"
+    pod = uuid.uuid4()
+    spoof = user / f"kubepods/burstable/pod{pod}/{'ab' * 32}"
+    s: Serve | None = None
+    p: subprocess.Popen[str] | None = None
+    try:
+        delegate(user)
+        attacker_mkdir(spoof)
+        user.chmod(0o700)
+        s = Serve("--state-file", str(tmp_path / "state" / "recent.json"))
+        p = subprocess.Popen(
+            as_attacker(sys.executable, "-c", _DENIED, "3"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert p.stdin is not None
+        assert p.stdout is not None
+        pid = int(p.stdout.readline())
+        (spoof / "cgroup.procs").write_text(str(pid))
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert "done" == p.stdout.readline().strip()
+        want = f'container="user-{ATTACKER}:/{spoof.relative_to(root).as_posix()}"'
+        deadline = time.monotonic() + 15
+        found: dict[str, float] = {}
+        while time.monotonic() < deadline and not found:
+            found = {
+                k: v
+                for k, v in s.metrics().items()
+                if k.startswith("capwatch_denials_total{") and want in k
+            }
+            time.sleep(0.2)
+        assert [3.0] == list(found.values()), want
+        [series] = found
+        assert 'runtime="user-delegated"' in series
+        assert 'pod=""' in series
+    finally:
+        if p is not None:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if s is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+        remove_tree(top)
