@@ -100,7 +100,8 @@ else
   say "debootstrap $suite from $mirror into $part"
   # python3-bpfcc: Debian's bcc (the PyPI "bcc" is an unrelated project).
   # python3-numpy: capwatch's batch decoder; Debian's 1.24 satisfies >=1.24.
-  debootstrap --variant=minbase --include=python3-bpfcc,python3-venv,python3-numpy \
+  # python3-cap-ng: libcap-ng's bindings, serve's privilege drop after attach.
+  debootstrap --variant=minbase --include=python3-bpfcc,python3-venv,python3-numpy,python3-cap-ng \
     "$suite" "$part" "$mirror" >"$dir.debootstrap.log" 2>&1 \
     || { tail -n 20 "$dir.debootstrap.log" >&2; die "debootstrap failed (log: $dir.debootstrap.log)"; }
   cat >"$part/etc/apt/sources.list" <<EOF

@@ -21,7 +21,9 @@ say() { printf 'host-setup: %s\n' "$*"; }
 
 # 1. Debian packages. bcc comes from Debian (python3-bpfcc); the PyPI package
 #    named "bcc" is an unrelated project and must never be installed.
-pkgs=(python3-bpfcc bpfcc-tools python3-venv python3-numpy libcap2-bin util-linux bpftool)
+# python3-cap-ng: libcap-ng's bindings for serve's privilege drop (the venv
+# uses the system site packages, so Debian's module is seen there).
+pkgs=(python3-bpfcc bpfcc-tools python3-venv python3-numpy python3-cap-ng libcap2-bin util-linux bpftool)
 if [ "$test_deps" = 1 ]; then
   # real containers, a real Prometheus, and a peer for the benchmark
   pkgs+=(podman runc busybox-static prometheus bpftrace clang-format debootstrap iproute2)

@@ -30,6 +30,7 @@ __all__ = [
     "WalkResult",
     "cgroup_id_of_path",
     "cgroup_id_of_pid",
+    "cgroup_owners",
     "cgroup_path_of_pid",
     "find_cgroup2_mount",
     "parse_mountinfo_cgroup2",
@@ -150,6 +151,23 @@ def cgroup_id_of_pid(pid: int | str, *, cgroup_root: str, proc_root: str = "/pro
     if path is None:
         return None
     return cgroup_id_of_path(cgroup_root, path)
+
+
+def cgroup_owners(cgroup_root: str, path: str) -> tuple[int | None, ...]:
+    """The uid owning each directory along ``path`` under ``cgroup_root``: item
+    ``i`` is the owner of the first ``i + 1`` components (None where it cannot be
+    read, e.g. a cgroup already removed). One ``lstat`` per component; the facts
+    :func:`capwatch.attribution.containers.classify` takes to tell a runtime's cgroup from a
+    user's delegated one."""
+    owners: list[int | None] = []
+    current = cgroup_root
+    for part in [p for p in path.split("/") if p]:
+        current = os.path.join(current, part)
+        try:
+            owners.append(os.lstat(current).st_uid)
+        except OSError:
+            owners.append(None)
+    return tuple(owners)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from capwatch.attribution.cgroups import (
     WalkResult,
     cgroup_id_of_path,
     cgroup_id_of_pid,
+    cgroup_owners,
     cgroup_path_of_pid,
     find_cgroup2_mount,
 )
@@ -54,7 +55,7 @@ _log = structlog.get_logger(__name__)
 
 #: Kinds of workload that are containers (a runtime made the cgroup).
 CONTAINER_KINDS = frozenset({"docker", "containerd", "crio", "podman", "kubernetes"})
-KINDS = CONTAINER_KINDS | {"systemd", "host", "unknown"}
+KINDS = CONTAINER_KINDS | {"systemd", "host", "user-delegated", "unknown"}
 SHORT_ID = 12
 
 
@@ -65,6 +66,7 @@ class Workload:
     ``kind`` is one of :data:`KINDS`; ``runtime`` is the container engine
     (docker, containerd, crio, podman) when known, else the kind. ``monitor`` marks
     a runtime's monitor process (conmon), which runs beside the container, not in it.
+    ``uid`` is the user a ``user-delegated`` cgroup belongs to (-1 otherwise).
     ``name`` is the container's name as its runtime (or Kubernetes) reports it.
     """
 
@@ -80,6 +82,7 @@ class Workload:
     namespace: str = ""
     container_name: str = ""
     monitor: bool = False
+    uid: int = -1
     label: str = field(init=False, default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class Workload:
         short = self.container_id[:SHORT_ID]
         if self.cgroup_path is None:
             return f"cgroup:{self.cgroup_id}"
+        if self.kind == "user-delegated":
+            return f"user-{self.uid}:{self.service or self.cgroup_path}"
         if self.monitor:
             return f"conmon:{self.name or short}"
         if self.kind == "kubernetes":
@@ -123,6 +128,8 @@ class Workload:
         out["cgroup_id"] = self.cgroup_id
         if self.monitor:
             out["monitor"] = True
+        if self.uid >= 0:
+            out["uid"] = self.uid
         return out
 
 
@@ -132,6 +139,17 @@ def unresolved(cgroup_id: int) -> Workload:
 
 
 # --- classification -------------------------------------------------------------
+#
+# Trust comes from *where* a cgroup sits, not from its name: any user with a
+# delegated subtree (systemd's user@UID.service, a Delegate=yes unit, a
+# directory chowned to them) can name cgroups as they like. So container and
+# pod patterns are recognised only at the places runtimes and the kubelet put
+# them, under the roots only root can create, and never at or below the first
+# user-delegated component (``user@UID.service``, or a directory not owned by
+# root: the caller passes the owners in, see cgroups.cgroup_owners). The
+# outermost container component wins: what a container creates inside its own
+# cgroup (podman's ``libpod-<id>.scope/container``, a nested runtime) stays
+# attributed to it and cannot claim another container's identity.
 
 _ID = r"([0-9a-f]{64})"
 # (pattern on one path component, runtime, is the runtime's monitor process)
@@ -150,58 +168,169 @@ _BARE_ID = re.compile(_ID)
 _UID = r"[0-9a-f]{8}[-_]?[0-9a-f]{4}[-_]?[0-9a-f]{4}[-_]?[0-9a-f]{4}[-_]?[0-9a-f]{12}"
 _POD = re.compile(rf"(?:.*-)?pod({_UID})(?:\.slice)?")
 _UNIT = re.compile(r".+\.(?:service|scope)")
+_USER_MANAGER = re.compile(r"user@(\d+)\.service")
+# Kubernetes QoS levels between the kubepods root and a pod.
+_QOS = re.compile(r"(?:.*-)?(?:burstable|besteffort)(?:\.slice)?")
+# Runtimes that really run rootless, inside a user's delegated tree.
+_ROOTLESS_RUNTIMES = frozenset({"podman", "docker"})
 
 
-def _is_kubepods(component: str) -> bool:
-    # kubepods.slice, kubepods-burstable.slice, kubepods (cgroupfs), and kind's
-    # kubelet-kubepods-*.slice nesting.
-    return component.startswith("kubepods") or "-kubepods" in component
+def _match_container(part: str) -> tuple[str, str, bool] | None:
+    """(runtime, id, monitor) if ``part`` is a runtime's container cgroup name."""
+    for pattern, rt, is_monitor in _CONTAINER_PATTERNS:
+        m = pattern.fullmatch(part)
+        if m is not None:
+            return rt, m.group(1), is_monitor
+    return None
 
 
-def classify(cgroup_path: str, cgroup_id: int = 0) -> Workload:
+def _kubepods_depth(parts: list[str]) -> int:
+    """How many leading components form the kubepods root (0: not Kubernetes).
+
+    cgroupfs driver ``/kubepods``, systemd driver ``/kubepods.slice``, and kind's
+    ``/kubelet.slice/kubelet-kubepods.slice``."""
+    if parts and parts[0] in ("kubepods", "kubepods.slice"):
+        return 1
+    if len(parts) > 1 and parts[0] == "kubelet.slice" and parts[1] == "kubelet-kubepods.slice":
+        return 2
+    return 0
+
+
+def _delegation(parts: list[str], owners: Sequence[int | None] | None) -> tuple[int, int]:
+    """(index of the first user-delegated component, its user), or (len(parts), -1).
+
+    A component is delegated if it is a user's manager (``user@UID.service``) or
+    its parent directory is owned by another user than root: whoever owns the
+    parent could have created it. A runtime may chown a container's own
+    directory to the container's root (user namespaces); its children are then
+    delegated, the container itself is not."""
+    for i, part in enumerate(parts):
+        m = _USER_MANAGER.fullmatch(part)
+        if m is not None:
+            return i, int(m.group(1))
+        parent = owners[i - 1] if owners is not None and 0 < i <= len(owners) else None
+        if parent is not None and parent != 0:
+            return i, parent
+    return len(parts), -1
+
+
+def _kubernetes(parts: list[str], depth: int, path: str, cgroup_id: int) -> Workload:
+    """A path under the kubepods root: [QoS] pod<uid> [container]."""
+    i = depth
+    if i < len(parts) and _POD.fullmatch(parts[i]) is None and _QOS.fullmatch(parts[i]):
+        i += 1
+    pod = _POD.fullmatch(parts[i]) if i < len(parts) else None
+    if pod is None:  # the root or a QoS-level slice, no pod
+        return Workload(kind="kubernetes", cgroup_path=path, cgroup_id=cgroup_id)
+    pod_uid = pod.group(1).replace("_", "-")
+    runtime = container_id = ""
+    monitor = False
+    if i + 1 < len(parts):
+        part = parts[i + 1]
+        found = _match_container(part)
+        if found is not None:
+            runtime, container_id, monitor = found
+        elif _BARE_ID.fullmatch(part):  # cgroupfs driver: pod<uid>/<id>
+            container_id = part
+    return Workload(
+        kind="kubernetes",
+        runtime=runtime,
+        container_id=container_id,
+        pod_uid=pod_uid,
+        cgroup_path=path,
+        cgroup_id=cgroup_id,
+        monitor=monitor,
+    )
+
+
+def _runtime_container(parts: list[str]) -> tuple[str, str, bool] | None:
+    """(runtime, id, monitor) for a container where a runtime outside Kubernetes
+    puts it, else None. The places (first components):
+
+    * systemd drivers: ``/system.slice/docker-<id>.scope`` (docker),
+      ``/system.slice/nerdctl-<id>.scope`` and ``cri-containerd-``,
+      ``/system.slice/crio-<id>.scope``, ``/machine.slice/libpod-<id>.scope``
+      (podman; ``machine-libpod_pod_<pod>.slice/`` in between for a pod);
+    * cgroupfs drivers: ``/docker/<id>``, ``/libpod_parent/libpod-<id>`` (podman,
+      as on this machine; ``<pod>/`` in between for a pod), containerd's
+      ``/<namespace>/<id>`` (``ctr``; runtime not named by the path).
+    """
+    if len(parts) < 2:
+        return None
+    top = parts[0]
+    if top in ("system.slice", "machine.slice", "libpod_parent"):
+        candidates = [parts[1]]
+        if len(parts) > 2 and (
+            (top == "machine.slice" and parts[1].startswith("machine-libpod_pod_"))
+            or (top == "libpod_parent" and _match_container(parts[1]) is None)
+        ):
+            candidates.append(parts[2])
+        for part in candidates:
+            found = _match_container(part)
+            if found is not None:
+                allowed = {
+                    "system.slice": ("docker", "containerd", "crio"),
+                    "machine.slice": ("podman",),
+                    "libpod_parent": ("podman",),
+                }[top]
+                return found if found[0] in allowed else None
+        return None
+    if _BARE_ID.fullmatch(parts[1]) and not top.endswith(".slice"):
+        return ("docker" if top == "docker" else ""), parts[1], False
+    return None
+
+
+def _delegated(parts: list[str], at: int, uid: int, path: str, cgroup_id: int) -> Workload:
+    """A cgroup in a user's delegated subtree: never a root container or a pod.
+
+    Rootless podman and docker put their containers there as units of the
+    user's manager (``libpod-<id>.scope``); they are named as that unit, with
+    the runtime, never with a container id (which a user can pick freely, and
+    which would then pull in a root container's name)."""
+    runtime = service = ""
+    for part in parts[at:]:
+        if _USER_MANAGER.fullmatch(part):
+            continue
+        found = _match_container(part)
+        if found is not None:
+            runtime = found[0] if found[0] in _ROOTLESS_RUNTIMES else ""
+            service = part
+            break
+        if _UNIT.fullmatch(part):
+            service = part
+    return Workload(
+        kind="user-delegated",
+        runtime=runtime or "user-delegated",
+        service=service,
+        uid=uid,
+        cgroup_path=path,
+        cgroup_id=cgroup_id,
+    )
+
+
+def classify(
+    cgroup_path: str, cgroup_id: int = 0, *, owners: Sequence[int | None] | None = None
+) -> Workload:
     """Classify a unified-hierarchy cgroup path (as in ``/proc/<pid>/cgroup``).
 
-    The deepest component naming a container wins, so sub-cgroups a container
-    makes for itself (podman's ``libpod-<id>.scope/container``) stay attributed
-    to it. Pure function: no I/O.
+    ``owners[i]`` is the uid owning the directory of the first ``i + 1``
+    components (None: unknown), as :func:`capwatch.attribution.cgroups.cgroup_owners`
+    reads them; the first component owned by another user than root starts a
+    delegated subtree. Without ``owners``, only the path is judged. Pure
+    function: no I/O. See the comment above for the rules.
     """
     parts = [p for p in cgroup_path.split("/") if p]
-    runtime = container_id = pod_uid = service = ""
-    monitor = kubepods = False
-    parent = ""
-    for part in parts:
-        if _is_kubepods(part):
-            kubepods = True
-        pod = _POD.fullmatch(part) if kubepods else None
-        if pod is not None:
-            pod_uid = pod.group(1).replace("_", "-")
-        else:
-            for pattern, rt, is_monitor in _CONTAINER_PATTERNS:
-                m = pattern.fullmatch(part)
-                if m is not None:
-                    runtime, container_id, monitor = rt, m.group(1), is_monitor
-                    break
-            else:
-                if _BARE_ID.fullmatch(part):
-                    # cgroupfs drivers: /docker/<id>, /kubepods/<qos>/pod<uid>/<id>
-                    container_id, monitor = part, False
-                    runtime = "docker" if parent == "docker" else ""
-                elif _UNIT.fullmatch(part) and not container_id:
-                    service = part
-        parent = part
-    if kubepods and (pod_uid or container_id):
-        return Workload(
-            kind="kubernetes",
-            runtime=runtime,
-            container_id=container_id,
-            pod_uid=pod_uid,
-            cgroup_path=cgroup_path,
-            cgroup_id=cgroup_id,
-            monitor=monitor,
-        )
-    if kubepods:  # a QoS-level slice, no pod
-        return Workload(kind="kubernetes", cgroup_path=cgroup_path, cgroup_id=cgroup_id)
-    if container_id:
+    at, uid = _delegation(parts, owners)
+    trusted = parts[:at]
+    k8s = _kubepods_depth(trusted)
+    if k8s:
+        w = _kubernetes(trusted, k8s, cgroup_path, cgroup_id)
+        if at == len(parts) or w.pod_uid:
+            return w
+        return _delegated(parts, at, uid, cgroup_path, cgroup_id)
+    found = _runtime_container(trusted)
+    if found is not None:
+        runtime, container_id, monitor = found
         kind = runtime or "unknown"
         return Workload(
             kind=kind,
@@ -211,6 +340,9 @@ def classify(cgroup_path: str, cgroup_id: int = 0) -> Workload:
             cgroup_id=cgroup_id,
             monitor=monitor,
         )
+    if at < len(parts):
+        return _delegated(parts, at, uid, cgroup_path, cgroup_id)
+    service = next((p for p in reversed(parts) if _UNIT.fullmatch(p)), "")
     if service:
         return Workload(
             kind="systemd",
@@ -325,7 +457,8 @@ class Attributor:
                         self._pending.setdefault(cgroup_id, self._resolver.clock())
                         self._cache[cgroup_id] = w
                     return w
-                w = self._enrich(classify(path, cgroup_id))
+                owners = cgroup_owners(self.cgroup_root, path) if self.cgroup_root else None
+                w = self._enrich(classify(path, cgroup_id, owners=owners))
                 self._cache[cgroup_id] = w
                 return w
         except Exception as e:  # the event path must not die on attribution

@@ -4,7 +4,13 @@ podman's ``<graphroot>/<driver>-containers/containers.json`` (one file listing i
 and names of every container, re-read when its mtime changes), docker's
 ``<docker_root>/containers/<id>/config.v2.json``; ``podman inspect`` /
 ``docker inspect`` at most once per id as the fallback. Used by
-:class:`capwatch.attribution.containers.Attributor`.
+:class:`capwatch.attribution.containers.Attributor`, which asks only for containers in the
+places runtimes put them (containers.classify), never for a user's cgroups.
+
+Bounded: at most ``max_pending`` ids wait for a look-up (more are dropped and
+counted in ``dropped``; a dropped id is asked again on a later miss), and the
+look-up thread does at most ``rate`` look-ups a second (``burst`` at once), so a
+flood of new container ids costs a bounded number of file reads and execs.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ from collections.abc import Callable
 
 import structlog
 
+from capwatch.ratelimit import TokenBucket
+
 __all__ = ["ContainerNames", "NameListener"]
 
 _log = structlog.get_logger(__name__)
 
 NameListener = Callable[[str], None]
+_MAX_ASKED = 16384  # bound on remembered ids (cleared when full: they may be asked again)
 
 
 class ContainerNames:
@@ -41,6 +50,10 @@ class ContainerNames:
         docker_root: str = "/var/lib/docker",
         inspect: bool = True,
         background: bool = True,
+        max_pending: int = 256,
+        rate: float = 5.0,
+        burst: int = 20,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self.storage_root = storage_root
         self.docker_root = docker_root
@@ -50,7 +63,13 @@ class ContainerNames:
         self._listeners: list[NameListener] = []
         self._podman_mtimes: dict[str, float] = {}
         self._queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self.max_pending = max_pending
+        self._bucket = bucket or TokenBucket(rate, burst)
+        self._stop = threading.Event()
         self.inspections = 0
+        self.requested = 0  # ids queued for a look-up
+        self.fetched = 0  # look-ups done by the thread
+        self.dropped = 0  # ids not queued: max_pending were waiting
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(
@@ -66,10 +85,23 @@ class ContainerNames:
         """Return the name if known; otherwise queue a look-up (once per id) and return None."""
         name = self._names.get(container_id)
         if name is None and container_id not in self._asked:
-            self._asked.add(container_id)
             if self._thread is not None:
+                if self._queue.qsize() >= self.max_pending:
+                    self.dropped += 1
+                    if self.dropped == 1 or self.dropped % 1000 == 0:
+                        _log.warning(
+                            "container_name_lookups_dropped",
+                            dropped=self.dropped,
+                            max_pending=self.max_pending,
+                        )
+                    return None
+                if len(self._asked) >= _MAX_ASKED:
+                    self._asked.clear()
+                self._asked.add(container_id)
+                self.requested += 1
                 self._queue.put((runtime, container_id))
             else:
+                self._asked.add(container_id)
                 self.fetch(runtime, container_id)
                 name = self._names.get(container_id)
         return name
@@ -153,6 +185,12 @@ class ContainerNames:
             item = self._queue.get()
             if item is None:
                 return
+            if item[1] in self._names:
+                continue  # learned meanwhile (one read of podman's store names them all)
+            # one token per look-up: while none is there, ids wait in the bounded queue
+            if not self._bucket.take(self._stop):
+                return
+            self.fetched += 1
             try:
                 self.fetch(*item)
             except Exception as e:
@@ -161,6 +199,7 @@ class ContainerNames:
     def close(self) -> None:
         """Stop the look-up thread."""
         if self._thread is not None:
+            self._stop.set()
             self._queue.put(None)
             self._thread.join(timeout=15)
             self._thread = None

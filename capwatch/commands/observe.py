@@ -17,13 +17,13 @@ import os
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from capwatch.attribution.cgroups import find_cgroup2_mount, walk_cgroup_tree
+from capwatch.attribution.cgroups import cgroup_owners, find_cgroup2_mount, walk_cgroup_tree
 from capwatch.attribution.containers import Attributor, ContainerNames, Workload, classify
+from capwatch.commands import runcmd
 from capwatch.decode import procfs
 from capwatch.decode.events import Event
 from capwatch.diagnose.advise import Observation, advise
@@ -42,7 +42,7 @@ class Target:
     label: str
     config: _bpf.ProgramConfig
     argv: list[str] | None = None
-    cgroup_dir: str | None = None  # made for a command; removed after
+    cgroup_dir: runcmd.CommandCgroup | None = None  # made for a command; removed after
     cgroup_ids: set[int] = field(default_factory=set)
 
 
@@ -58,7 +58,7 @@ def _container_cgroups(args: argparse.Namespace, text: str) -> tuple[str, set[in
     names = ContainerNames(background=False)
     found: dict[int, Workload] = {}
     for cid, path in walk_cgroup_tree(root).items():
-        w = classify(path, cid)
+        w = classify(path, cid, owners=cgroup_owners(root, path))
         if not w.container_id or w.monitor:
             continue
         if (len(text) >= 3 and w.container_id.startswith(text)) or (
@@ -81,17 +81,10 @@ def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
         "unique": unique,
     }
     if args.cmd:
-        root = _unified(args)
-        d = os.path.join(root, f"capwatch-run-{uuid.uuid4().hex[:8]}")
-        try:
-            os.mkdir(d)
-        except OSError as exc:
-            raise CapwatchError(
-                f"cannot make a cgroup for the command in {root}: {exc.strerror}"
-            ) from None
-        cg = os.stat(d).st_ino
+        made = runcmd.make_command_cgroup(_unified(args), proc_root=args.proc_root)
+        cg = made.cgroup_id
         return Target(
-            " ".join(args.cmd), _bpf.ProgramConfig(filter_cgroup=cg, **base), args.cmd, d, {cg}
+            " ".join(args.cmd), _bpf.ProgramConfig(filter_cgroup=cg, **base), args.cmd, made, {cg}
         )
     if getattr(args, "pid", None):
         procfs.read_status(args.pid, proc_root=args.proc_root)  # a missing pid fails here
@@ -173,8 +166,7 @@ def _observe(args: argparse.Namespace, target: Target, err: TextIO) -> Observed:
         return _observe_in(args, target, err)
     finally:
         if target.cgroup_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(target.cgroup_dir)
+            target.cgroup_dir.remove()
 
 
 def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observed:
@@ -201,17 +193,13 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
     t0 = time.monotonic()
     child: subprocess.Popen[bytes] | None = None
     try:
-        if target.argv is not None:
-            procs = os.path.join(str(target.cgroup_dir), "cgroup.procs")
-
-            def enter_cgroup() -> None:
-                with open(procs, "w") as f:
-                    f.write("0")
-
-            try:
-                child = subprocess.Popen(target.argv, preexec_fn=enter_cgroup)  # noqa: PLW1509
-            except OSError as exc:
-                raise CapwatchError(f"cannot run {target.argv[0]}: {exc.strerror}") from None
+        if target.argv is not None and target.cgroup_dir is not None:
+            if target.cgroup_dir.reason:
+                err.write(
+                    f"capwatch: the command's cgroup is at the {target.cgroup_dir.placement}"
+                    f" level: {target.cgroup_dir.reason}\n"
+                )
+            child = runcmd.spawn_in_cgroup(target.argv, target.cgroup_dir)
 
             def wait_child() -> None:
                 # Wait without reaping: a zombie's /proc/PID/status still shows

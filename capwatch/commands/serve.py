@@ -100,7 +100,7 @@ def run_serve(args: Any, out: TextIO) -> int:
     from capwatch.sinks.profiles import ProfileSink
 
     configure_logging(out, "json")  # the DaemonSet's log: JSON lines, every module
-    log = structlog.get_logger("capwatch.serve")
+    log = structlog.get_logger("capwatch.commands.serve")
     policy = Policy.load(args.policy)
     host, port = args.listen
     node = args.node or os.environ.get("NODE_NAME") or platform.node()
@@ -144,12 +144,14 @@ def run_serve(args: Any, out: TextIO) -> int:
             outcome=args.outcome,
             profiles=args.profiles,
         )
-        if args.drop_privileges:
-            try:
-                kept = _privs.drop_capabilities(_privs.KEEP_AFTER_ATTACH)
-                log.info("capabilities_dropped", kept=kept)
-            except OSError as exc:
-                log.warning("capabilities_not_dropped", error=str(exc))
+        if args.drop_privileges:  # fatal on failure (CapwatchError): --no-drop-privileges
+            dropped = _privs.drop_privileges(_privs.KEEP_AFTER_ATTACH)
+            log.info(
+                "capabilities_dropped",
+                kept=dropped.kept,
+                bounding_reduced=dropped.bounding_reduced,
+                no_new_privs=True,
+            )
         try:
             if args.kube_api:  # out of cluster: kubectl proxy, or a test's API server
                 from capwatch.attribution.k8s_http import ApiConfig

@@ -5,6 +5,14 @@ The file holds at most ``limit`` JSON records (the newest last), replaced
 atomically at most once a second, so a denial flood costs one small write a
 second. Each record carries what explain needs, the process's capability
 sets read when the denial arrived included.
+
+The history says which workloads were denied what: the file is 0600, in a
+0700 directory (created so, or an existing one of ours tightened to it). A
+directory that is a symlink, another user's, or writable by others (``/tmp``)
+is refused, as is a symlink planted at the file's path: the writes stop with
+one warning. Each write goes to a temporary file of a random name, opened with
+O_CREAT|O_EXCL|O_NOFOLLOW relative to the directory's descriptor, then renamed
+over the file.
 """
 
 from __future__ import annotations
@@ -12,16 +20,84 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import stat
 import time
 from collections import OrderedDict
 from typing import Any
 
+import structlog
+
 from capwatch.diagnose.explain import Explanation, explain
 from capwatch.pipeline import Check, facts_of
 
-__all__ = ["DEFAULT_STATE_FILE", "RecentDenials", "read_recent"]
+__all__ = [
+    "DEFAULT_STATE_FILE",
+    "RecentDenials",
+    "StateFileRefused",
+    "read_recent",
+    "write_private",
+]
 
 DEFAULT_STATE_FILE = "/run/capwatch/recent.json"
+
+_log = structlog.get_logger(__name__)
+
+
+class StateFileRefused(OSError):
+    """The state file's directory or path is not safe to write."""
+
+
+def _open_state_dir(directory: str) -> int:
+    """An O_DIRECTORY|O_NOFOLLOW descriptor of ``directory``, made 0700 if missing;
+    refused if it is a symlink, another user's, or writable by group or others."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if os.path.islink(directory):
+            raise StateFileRefused(f"{directory} is a symlink") from None
+        raise e
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise StateFileRefused(f"{directory} belongs to uid {st.st_uid}")
+        if st.st_mode & 0o022:
+            raise StateFileRefused(f"{directory} is writable by others")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: mode 0600, in a 0700 directory, through a
+    random-named O_EXCL|O_NOFOLLOW temporary file. Raises OSError
+    (:class:`StateFileRefused` for an unsafe directory or a symlink at ``path``)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    dfd = _open_state_dir(directory)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISLNK(os.lstat(name, dir_fd=dfd).st_mode):
+                raise StateFileRefused(f"{path} is a symlink")
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
 
 
 class RecentDenials:
@@ -77,20 +153,19 @@ class RecentDenials:
         self._last_write = now
         self._dirty = False
         try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(list(self._items.values()), f)
-            os.replace(tmp, self.path)
-        except OSError:
-            self.disabled = True  # read-only or no room: explain --last just has less to say
+            write_private(self.path, json.dumps(list(self._items.values())).encode())
+        except OSError as e:
+            # refused, read-only or no room: explain --last just has less to say
+            self.disabled = True
+            _log.warning("state_file_disabled", path=self.path, reason=str(e))
 
 
 def read_recent(path: str, n: int) -> list[Explanation]:
     """Explain the ``n`` most recent distinct denials recorded in ``path``."""
     items: list[dict[str, Any]] = []
     with contextlib.suppress(OSError, ValueError):
-        with open(path, encoding="utf-8") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, encoding="utf-8") as f:
             loaded = json.load(f)
         if isinstance(loaded, list):
             items = [x for x in loaded if isinstance(x, dict)]

@@ -443,12 +443,15 @@ class TestWiring:
         assert ("capwatch", True) == (job, 'job="capwatch"' in rules)
 
     def test_rbac_reads_pods_only_for_the_daemonset_account(self) -> None:
-        """The ClusterRole allows get/list/watch on pods, bound to the DaemonSet's account."""
+        """The ClusterRole allows get/list/watch on pods and get on ReplicaSets and Jobs
+        (a pod's Deployment or CronJob, for --profiles), bound to the DaemonSet's account."""
         docs = build("privileged")
         role, binding = by_kind(docs, "ClusterRole"), by_kind(docs, "ClusterRoleBinding")
         sa, ds = by_kind(docs, "ServiceAccount"), by_kind(docs, "DaemonSet")
         assert [
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
         ] == role["rules"]
         assert role["metadata"]["name"] == binding["roleRef"]["name"]
         subject = {

@@ -88,16 +88,18 @@ CLASSIFY_TABLE = [
     ),
     ("/init.scope", want("systemd", service="init.scope")),
     ("/user.slice/user-1000.slice/session-3.scope", want("systemd", service="session-3.scope")),
+    # a user's own manager: delegated to that user, never a system unit
     (
         "/user.slice/user-1000.slice/user@1000.service/app.slice/dbus.service",
-        want("systemd", service="dbus.service"),
+        want("user-delegated", service="dbus.service"),
     ),
     # docker: systemd driver, cgroupfs driver, rootless
     (f"/system.slice/docker-{CID}.scope", want("docker", cid=CID)),
     (f"/docker/{CID}", want("docker", cid=CID)),
+    # rootless docker: a unit of the user's manager, never a root container
     (
         f"/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{CID}.scope",
-        want("docker", cid=CID),
+        want("user-delegated", runtime="docker", service=f"docker-{CID}.scope"),
     ),
     # containerd outside Kubernetes (nerdctl, systemd driver)
     (f"/system.slice/nerdctl-{CID}.scope", want("containerd", cid=CID)),
@@ -111,9 +113,10 @@ CLASSIFY_TABLE = [
     ),
     (f"/machine.slice/libpod-conmon-{CID}.scope", want("podman", cid=CID, monitor=True)),
     (f"/libpod_parent/libpod-conmon-{CID}", want("podman", cid=CID, monitor=True)),
+    # rootless podman: likewise
     (
         f"/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{CID}.scope",
-        want("podman", cid=CID),
+        want("user-delegated", runtime="podman", service=f"libpod-{CID}.scope"),
     ),
     # Kubernetes, systemd driver: burstable, besteffort, guaranteed (no QoS level)
     (
