@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from capwatch import __version__
 from capwatch.caps import CAPS, cap_name, decode_mask, parse_cap, parse_mask
 from capwatch.errors import CapwatchError, UsageError
+from capwatch.listen import listen_type
 from capwatch.recent import DEFAULT_STATE_FILE
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ def _build_parser() -> _Parser:
     sv = sub.add_parser("serve", help="the DaemonSet mode: Prometheus metrics and the denial log")
     sv.add_argument(
         "--listen",
+        type=listen_type,
         default="127.0.0.1:9649",
         metavar="HOST:PORT",
         help="metrics address (default 127.0.0.1:9649; loopback unless told otherwise)",
@@ -276,6 +278,7 @@ def _set_names(mask: int) -> str:
 
 def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
     from capwatch import procfs
+    from capwatch.text import visible
 
     explicit = bool(args.pids)
     pids = args.pids or procfs.list_pids(proc_root=args.proc_root)
@@ -290,7 +293,7 @@ def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
         rows.append(
             {
                 "pid": st.pid,
-                "name": st.name,
+                "name": visible(st.name),
                 "uid": st.uid,
                 **{k: f"{v:016x}" for k, v in st.caps().items()},
                 "effective": [cap_name(n) for n in decode_mask(st.cap_eff).present],
@@ -301,7 +304,7 @@ def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
             if len(rows) == 1:
                 out.write(f"{'PID':>7} {'NAME':<15} {'UID':>5} {'CapEff':<16} EFFECTIVE\n")
             out.write(
-                f"{st.pid:>7} {st.name[:15]:<15} {st.uid:>5} {st.cap_eff:016x} {_set_names(st.cap_eff)}\n"
+                f"{st.pid:>7} {visible(st.name)[:15]:<15} {st.uid:>5} {st.cap_eff:016x} {_set_names(st.cap_eff)}\n"
             )
             if explicit:
                 for k, v in st.caps().items():

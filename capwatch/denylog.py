@@ -34,6 +34,8 @@ from typing import Any, Final, Literal, TextIO
 
 import structlog
 
+from capwatch.text import visible_fields
+
 __all__ = ["Denial", "DenialLog"]
 
 _MAX_OVERFLOW_KEYS: Final = 100_000  # distinct keys remembered per overflow bucket
@@ -299,7 +301,9 @@ def _make_logger(stream: TextIO, fmt: Format) -> Any:
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     return structlog.wrap_logger(
         structlog.PrintLogger(stream),
-        processors=[structlog.processors.add_log_level, _lead_fields, renderer],
+        # visible_fields: comm and names are any bytes; lines stay valid UTF-8 and
+        # carry no terminal control sequence, in JSON and on a console alike
+        processors=[structlog.processors.add_log_level, _lead_fields, visible_fields, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         context_class=dict,
         cache_logger_on_first_use=True,

@@ -13,6 +13,7 @@ from typing import Any
 from capwatch.caps import DANGEROUS, cap_name, cap_short
 from capwatch.outcome import outcome_text, role_of
 from capwatch.procfs import ProcStatus
+from capwatch.text import visible, visible_all
 
 __all__ = ["DenialFacts", "Explanation", "explain"]
 
@@ -54,7 +55,9 @@ class Explanation:
     count: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # comm, names and the fixes quoting them come from processes and runtimes
+        out: dict[str, Any] = visible_all(self.__dict__)
+        return out
 
     def render(self) -> str:
         lines = [
@@ -68,7 +71,8 @@ class Explanation:
             lines += [f"    {f['context']}: {f['fix']}" for f in self.fixes]
         if self.warning:
             lines.append(f"  warning: {self.warning}")
-        return "\n".join(lines) + "\n"
+        # each line escaped on its own: a newline or ESC in a comm stays visible text
+        return "\n".join(visible(line) for line in lines) + "\n"
 
 
 def _missing_from(cap: int, st: ProcStatus | None) -> str:

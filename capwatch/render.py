@@ -11,6 +11,7 @@ from typing import Any, TextIO
 from capwatch.caps import cap_name
 from capwatch.events import Event
 from capwatch.syscalls import syscall_name
+from capwatch.text import visible, visible_all
 
 __all__ = ["TABLE_HEADER", "Clock", "Identity", "JsonWriter", "TableWriter", "to_record"]
 
@@ -60,7 +61,8 @@ class JsonWriter:
         self.out = out
 
     def write(self, rec: dict[str, Any]) -> None:
-        self.out.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        # comm and workload names are any bytes: valid UTF-8, no controls (capwatch.text)
+        self.out.write(json.dumps(visible_all(rec), separators=(",", ":")) + "\n")
         self.out.flush()
 
 
@@ -80,7 +82,8 @@ class TableWriter:
     def write(self, rec: dict[str, Any]) -> None:
         t = rec["time"][11:19]
         line = (
-            f"{t:<8} {rec['pid']:>7} {rec['comm'][:15]:<15} {rec['container'][:12]:<12} "
+            f"{t:<8} {rec['pid']:>7} {visible(rec['comm'])[:15]:<15} "
+            f"{visible(rec['container'])[:12]:<12} "
             f"{rec['capability'][:20]:<20} {rec['verdict']:<7} {rec['syscall'][:14]:<14}"
         )
         if rec.get("suppressed"):
