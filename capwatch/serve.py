@@ -27,7 +27,7 @@ from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
 from capwatch.recent import RecentDenials, with_caps
 from capwatch.render import Clock, to_record
-from capwatch.server import MetricsServer, parse_listen
+from capwatch.server import Listen, MetricsServer, parse_listen
 from capwatch.session import Session, stop_on_signals
 from capwatch.syscalls import syscall_name
 from capwatch.workloads import HoldQueue, identity_of
@@ -164,7 +164,7 @@ def run_serve(args: Any, out: TextIO) -> int:
         ],
     )
     policy = Policy.load(args.policy)
-    host, port = parse_listen(args.listen)
+    listen = args.listen if isinstance(args.listen, Listen) else parse_listen(args.listen)
     node = args.node or os.environ.get("NODE_NAME") or platform.node()
     stop = threading.Event()
     stop_on_signals(stop)
@@ -180,7 +180,7 @@ def run_serve(args: Any, out: TextIO) -> int:
     def render() -> bytes:
         return collector[0].exposition() if collector else b""
 
-    server = MetricsServer(render, health, host, port)  # binds now: fail before loading BPF
+    server = MetricsServer(render, health, listen)  # binds now: fail before loading BPF
     watcher = None
     attributor = None
     try:
@@ -245,7 +245,11 @@ def run_serve(args: Any, out: TextIO) -> int:
             proc_root=args.proc_root,
         )
         server.start()
-        log.info("serving", listen=f"{host}:{server.port}", endpoints=["/metrics", "/healthz"])
+        log.info(
+            "serving",
+            listen=str(listen._replace(port=server.port)),
+            endpoints=["/metrics", "/healthz"],
+        )
         try:
             session.run(stop, pipeline.on_batch, on_tick=pipeline.tick)
         finally:
