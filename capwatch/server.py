@@ -16,8 +16,9 @@ NetworkPolicy does not stop. So the endpoint holds the limits itself:
   it runs wait for it and get the same bytes (single flight);
 * a response is written within ``write_timeout`` or the connection is aborted;
 * clients that go away mid-request are counted, never a traceback;
-* ``/healthz`` answers 503 while the last scrape failed, or any health check
-  (a callable returning ``(ok, reason)``) says not ok.
+* ``/healthz`` answers 503 while the last scrape failed or one has run past
+  ``scrape_timeout``, or any health check (a callable returning
+  ``(ok, reason)``) says not ok.
 
 The connection outcomes are appended to ``/metrics`` as
 ``capwatch_http_connections_total{outcome}``.
@@ -90,6 +91,7 @@ class Limits:
     max_connections: int = 64
     request_timeout: float = 5.0  # whole request line + headers
     write_timeout: float = 10.0  # whole response
+    scrape_timeout: float = 30.0  # a /metrics request waits this long for its scrape
     max_request_bytes: int = 8192  # request line + headers
     # The kernel's accept queue, and how many connections one loop turn accepts:
     # small, so that a connect flood waits in the kernel rather than evicting,
@@ -145,6 +147,7 @@ class MetricsServer:
         self.scrape_error: str | None = None  # the last scrape's failure, None if it worked
         self._conns: OrderedDict[int, _Conn] = OrderedDict()  # oldest first
         self._inflight: asyncio.Future[bytes] | None = None
+        self._scrape_started: float | None = None  # monotonic, while one runs
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capwatch-scrape")
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -202,6 +205,9 @@ class MetricsServer:
             reasons.append(why)
         if self.scrape_error is not None:
             return False, f"last scrape failed: {self.scrape_error}"
+        started = self._scrape_started
+        if started is not None and time.monotonic() - started > self.limits.scrape_timeout:
+            return False, f"scrape running for {time.monotonic() - started:.0f}s"
         return True, reasons[0] if reasons else "ok"
 
     # -- connections -----------------------------------------------------------
@@ -300,10 +306,9 @@ class MetricsServer:
         path = target.split("?", 1)[0]
         if path == "/metrics":
             try:
-                body = await self._scrape()
-            except Exception as exc:
+                body = await asyncio.wait_for(self._scrape(), lim.scrape_timeout)
+            except Exception:  # logged once by _render; a timeout shows in /healthz
                 await self._reply(writer, 500, b"scrape failed\n", head_only=head_only)
-                _ = exc  # logged once by _render
                 return "scrape_failed"
             await self._reply(writer, 200, body, head_only=head_only, ctype=CONTENT_TYPE_LATEST)
         elif path == "/healthz":
@@ -343,6 +348,7 @@ class MetricsServer:
     async def _scrape(self) -> bytes:
         fut = self._inflight
         if fut is None:
+            self._scrape_started = time.monotonic()
             fut = self._inflight = self._loop.run_in_executor(self._executor, self._render)
             fut.add_done_callback(self._scrape_done)
         else:
@@ -366,6 +372,7 @@ class MetricsServer:
 
     def _scrape_done(self, fut: asyncio.Future[bytes]) -> None:
         self._inflight = None
+        self._scrape_started = None
         if not fut.cancelled():
             fut.exception()  # retrieved: no "exception was never retrieved" at exit
 
