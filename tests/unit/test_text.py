@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import unicodedata
@@ -90,14 +91,9 @@ class TestVisible:
 class TestVisibleFields:
     def test_json_log_line_is_clean(self) -> None:
         """A structlog JSON line with hostile values is valid UTF-8 without raw controls."""
-        lines: list[str] = []
-
-        class Sink:
-            def msg(self, message: str) -> None:
-                lines.append(message)
-
+        out = io.StringIO()
         log = structlog.wrap_logger(
-            Sink(),
+            structlog.PrintLogger(out),
             processors=[
                 visible_fields,
                 structlog.processors.JSONRenderer(
@@ -108,6 +104,7 @@ class TestVisibleFields:
         log.warning(
             "denial", comm=from_bytes(b"\x1b]52;c;aGk=\x07"), pod=["a\nb"], extra={"k\xff": 1}
         )
+        lines = out.getvalue().splitlines()
         assert 1 == len(lines)
         lines[0].encode("utf-8")
         assert {
