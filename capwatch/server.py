@@ -105,9 +105,16 @@ def _bind(listen: Listen, backlog: int) -> socket.socket:
     if family == socket.AF_UNSPEC:
         info = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM)[0]
         family, host = info[0], str(info[4][0])
-    addr = (host, listen.port)
     # A socket of this family for this server only: no class attribute changed.
-    return socket.create_server(addr, family=family, backlog=backlog)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, listen.port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _Conn:
