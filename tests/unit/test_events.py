@@ -102,7 +102,9 @@ class TestDecode:
 
     def test_non_utf8_comm_degrades(self) -> None:
         """A comm with invalid UTF-8 keeps its bytes (surrogateescape) for the sinks to escape."""
-        assert b"a\xff" == decode_record(_pack(comm=b"a\xff")).comm.encode("utf-8", "surrogateescape")
+        assert b"a\xff" == decode_record(_pack(comm=b"a\xff")).comm.encode(
+            "utf-8", "surrogateescape"
+        )
 
     @given(
         st.integers(0, 2**64 - 1),
