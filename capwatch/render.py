@@ -61,8 +61,14 @@ class JsonWriter:
         self.out = out
 
     def write(self, rec: dict[str, Any]) -> None:
-        # comm and workload names are any bytes: valid UTF-8, no controls (capwatch.text)
-        self.out.write(json.dumps(visible_all(rec), separators=(",", ":")) + "\n")
+        # comm and workload names are any bytes: valid UTF-8, no controls (capwatch.text).
+        # ASCII JSON writes every control and non-ASCII character as a backslash
+        # escape (DEL aside), so a line with neither needs no second pass (the
+        # common case).
+        line = json.dumps(rec, separators=(",", ":"))
+        if "\\" in line or "\x7f" in line:
+            line = json.dumps(visible_all(rec), separators=(",", ":"))
+        self.out.write(line + "\n")
         self.out.flush()
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 __all__ = ["from_bytes", "visible", "visible_all", "visible_fields"]
@@ -74,8 +74,13 @@ def visible_all(v: Any) -> Any:
     as lists); other values as they are. For JSON writers."""
     if isinstance(v, str):
         return visible(v)
-    if isinstance(v, Mapping):
-        return {visible_all(k): visible_all(x) for k, x in v.items()}
+    if isinstance(v, dict):  # not Mapping: an ABC check costs more than the rest
+        return {
+            (visible(k) if isinstance(k, str) else k): (
+                visible(x) if isinstance(x, str) else visible_all(x)
+            )
+            for k, x in v.items()
+        }
     if isinstance(v, (list, tuple)):
         return [visible_all(x) for x in v]
     return v

@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from capwatch.containers import Workload, classify
@@ -23,6 +25,7 @@ from capwatch.events import EVENT_STRUCT, F_DENIED, decode_record
 from capwatch.explain import DenialFacts, explain
 from capwatch.exporter import CapwatchCollector, ExporterState
 from capwatch.render import Clock, JsonWriter, TableWriter, to_record
+from capwatch.text import visible_all
 from capwatch.workloads import identity_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -186,6 +189,15 @@ class TestTrace:
         clean(out.getvalue())
         comms = [json.loads(ln)["comm"] for ln in out.getvalue().splitlines()]
         assert [SHOWN[k] for k in HOSTILE] == comms
+
+    @given(st.text(max_size=20), st.binary(max_size=20))
+    def test_json_fast_path_equals_escaping_every_field(self, comm: str, name: bytes) -> None:
+        """The writer's shortcut (no second pass for a plain line) writes exactly what
+        escaping every field would."""
+        rec = {"comm": comm, "container": os.fsdecode(name), "pid": 1, "userns": None}
+        out = io.StringIO()
+        JsonWriter(out).write(rec)
+        assert json.dumps(visible_all(rec), separators=(",", ":")) + "\n" == out.getvalue()
 
 
 class TestExplain:
