@@ -320,6 +320,31 @@ class TestResets:
         assert "Error" not in out + err
 
 
+class TestBind:
+    def test_host_name_resolves_when_binding(self) -> None:
+        """--listen localhost:0 binds what the name resolves to, and serves."""
+        s = MetricsServer(lambda: b"capwatch_up 1\n", _ok, parse_listen("localhost:0"))
+        s.start()
+        try:
+            host = socket.getaddrinfo("localhost", s.port, type=socket.SOCK_STREAM)[0][4][0]
+            with urllib.request.urlopen(
+                f"http://{'[' + host + ']' if ':' in host else host}:{s.port}/healthz", timeout=10
+            ) as r:
+                assert 200 == r.status
+        finally:
+            s.close()
+
+    def test_port_in_use_is_one_line(self) -> None:
+        """A port in use: CapwatchError naming the address once."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            with pytest.raises(CapwatchError) as exc:
+                MetricsServer(lambda: b"", _ok, parse_listen(f"127.0.0.1:{port}"))
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" == str(exc.value)
+
+
 class TestNoProcessWideState:
     def test_ipv6_server_leaves_http_server_alone(
         self, serve: Callable[..., MetricsServer]
