@@ -118,11 +118,14 @@ def _bind(listen: Listen, backlog: int) -> socket.socket:
 
 
 class _Conn:
-    __slots__ = ("reading", "writer")
+    __slots__ = ("reading", "refused_as", "writer")
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.reading = True  # still sending its request: may be evicted
+        # the outcome of a request refused (408, 431, 400, 405), known before the
+        # reply is written: it stands even if the client resets meanwhile
+        self.refused_as: str | None = None
 
 
 class MetricsServer:
@@ -262,7 +265,7 @@ class MetricsServer:
                 writer.transport.abort()
             gone = self._conns.pop(key, None) is None
             if outcome is None:
-                self.outcomes["evicted" if gone else "reset"] += 1
+                self.outcomes[conn.refused_as or ("evicted" if gone else "reset")] += 1
 
     async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Half-close, then discard what the client still sends (a body never read)
@@ -292,19 +295,23 @@ class MetricsServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), lim.request_timeout)
         except TimeoutError:
+            conn.refused_as = "timeout"
             await self._reply(writer, 408, b"request timeout\n", head_only=False)
             return "timeout"
         except (asyncio.LimitOverrunError, ValueError):
+            conn.refused_as = "too_large"
             await self._reply(writer, 431, b"request too large\n", head_only=False)
             return "too_large"
         conn.reading = False
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
         parts = line.split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            conn.refused_as = "bad_request"
             await self._reply(writer, 400, b"bad request\n", head_only=False)
             return "bad_request"
         method, target, _version = parts
         if method not in ("GET", "HEAD"):
+            conn.refused_as = "method_not_allowed"
             await self._reply(
                 writer, 405, b"only GET and HEAD\n", head_only=False, extra=b"Allow: GET, HEAD\r\n"
             )
