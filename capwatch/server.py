@@ -201,6 +201,11 @@ class MetricsServer:
             for t in tasks:
                 t.cancel()
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            if self._inflight is not None:
+                # A scrape still running: let it finish (bounded) so that its
+                # completion does not land on a closed loop, and so that the
+                # caller closes the kernel maps only after it.
+                loop.run_until_complete(asyncio.wait([self._inflight], timeout=5))
             loop.close()
 
     # -- health ----------------------------------------------------------------
