@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import re
 import socket
 import struct
 import threading
@@ -12,6 +13,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.server import HTTP_METRIC_NAMES, Limits, Listen, MetricsServer, parse_listen
@@ -165,6 +168,23 @@ class TestRouting:
         reply = raw(s, b"GET /metrics HTTP/1.1\r\n" + headers + b"\r\n")
         assert reply.startswith(b"HTTP/1.1 431 ")
         assert 1 == counted(s, "too_large")
+
+
+class TestAnyRequest:
+    @settings(
+        max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(st.binary(max_size=200))
+    def test_any_bytes_get_a_status_line(
+        self, serve: Callable[..., MetricsServer], capfd: pytest.CaptureFixture[str], junk: bytes
+    ) -> None:
+        """Whatever the request line and headers, the reply is a status line (never a
+        handler error, never silence)."""
+        s = serve()
+        reply = raw(s, junk.replace(b"\r\n\r\n", b"") + b"\r\n\r\n")
+        assert re.match(rb"HTTP/1\.1 (200|400|404|405|431) ", reply), reply[:100]
+        out, err = capfd.readouterr()
+        assert "http_handler_error" not in out + err
 
 
 class TestSlowClients:
