@@ -21,6 +21,8 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
+from capwatch.text import visible_fields
+
 __all__ = ["Format", "configure", "iso_time", "make_logger", "processors"]
 
 Format = Literal["auto", "json", "console"]
@@ -72,7 +74,9 @@ def processors(stream: TextIO, fmt: Format = "auto") -> list[Any]:
         )
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
-    return [structlog.processors.add_log_level, _add_time, _lead_fields, renderer]
+    # visible_fields: comm, cgroup paths and names are any bytes; lines stay valid
+    # UTF-8 and carry no terminal control sequence, in JSON and on a console alike
+    return [structlog.processors.add_log_level, _add_time, _lead_fields, visible_fields, renderer]
 
 
 def make_logger(stream: TextIO, fmt: Format = "auto") -> Any:

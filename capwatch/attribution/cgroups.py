@@ -85,7 +85,7 @@ def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> str | None:
     ``/sys/fs/cgroup/unified`` (hybrid), which wins over any other.
     """
     try:
-        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             mounts = parse_mountinfo_cgroup2(f.read())
     except OSError as e:
         _log.warning("cgroup_mountinfo_unreadable", path=mountinfo, error=str(e))
@@ -128,7 +128,7 @@ def walk_cgroup_tree(root: str) -> dict[int, str]:
 def cgroup_path_of_pid(pid: int | str, *, proc_root: str = "/proc") -> str | None:
     """Return the unified-hierarchy cgroup path of ``pid`` (the ``0::`` line), or None."""
     try:
-        with open(f"{proc_root}/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
+        with open(f"{proc_root}/{pid}/cgroup", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
                 if line.startswith("0::"):
                     return line[3:].rstrip("\n")

@@ -84,7 +84,7 @@ def _build_parser() -> _Parser:
     sv.add_argument(
         "--listen",
         type=listen_arg,
-        default=("127.0.0.1", 9649),
+        default=listen_arg("127.0.0.1:9649"),
         metavar="HOST:PORT",
         help="metrics address (default 127.0.0.1:9649; loopback unless told otherwise)",
     )

@@ -8,6 +8,7 @@ from typing import Any, TextIO
 
 from capwatch.decode.caps import CAPS, cap_name, decode_mask
 from capwatch.errors import CapwatchError
+from capwatch.text import visible
 
 __all__ = ["cmd_decode", "cmd_doctor", "cmd_ps"]
 
@@ -61,7 +62,7 @@ def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
         rows.append(
             {
                 "pid": st.pid,
-                "name": st.name,
+                "name": visible(st.name),
                 "uid": st.uid,
                 **{k: f"{v:016x}" for k, v in st.caps().items()},
                 "effective": [cap_name(n) for n in decode_mask(st.cap_eff).present],
@@ -72,7 +73,7 @@ def cmd_ps(args: argparse.Namespace, out: TextIO) -> int:
             if len(rows) == 1:
                 out.write(f"{'PID':>7} {'NAME':<15} {'UID':>5} {'CapEff':<16} EFFECTIVE\n")
             out.write(
-                f"{st.pid:>7} {st.name[:15]:<15} {st.uid:>5} {st.cap_eff:016x} {_set_names(st.cap_eff)}\n"
+                f"{st.pid:>7} {visible(st.name)[:15]:<15} {st.uid:>5} {st.cap_eff:016x} {_set_names(st.cap_eff)}\n"
             )
             if explicit:
                 for k, v in st.caps().items():

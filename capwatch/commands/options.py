@@ -6,9 +6,8 @@ import argparse
 import os
 
 from capwatch.decode.caps import parse_cap, parse_mask
-from capwatch.errors import CapwatchError
+from capwatch.listen import Listen, listen_type
 from capwatch.sinks.recent import DEFAULT_STATE_FILE
-from capwatch.sinks.server import parse_listen
 
 __all__ = [
     "add_kernel_opts",
@@ -77,12 +76,9 @@ def mask_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def listen_arg(text: str) -> tuple[str, int]:
-    """HOST:PORT, [IPv6]:PORT -> (host, port), checked when the command line is parsed."""
-    try:
-        return parse_listen(text)
-    except CapwatchError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--listen {text!r}: ")) from None
+def listen_arg(text: str) -> Listen:
+    """HOST:PORT, [IPv6]:PORT -> Listen, checked when the command line is parsed."""
+    return listen_type(text)
 
 
 def add_kernel_opts(p: argparse.ArgumentParser) -> None:

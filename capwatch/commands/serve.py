@@ -102,7 +102,7 @@ def run_serve(args: Any, out: TextIO) -> int:
     configure_logging(out, "json")  # the DaemonSet's log: JSON lines, every module
     log = structlog.get_logger("capwatch.commands.serve")
     policy = Policy.load(args.policy)
-    host, port = args.listen
+    listen = args.listen
     node = args.node or os.environ.get("NODE_NAME") or platform.node()
     stop = threading.Event()
     stop_on_signals(stop)
@@ -121,7 +121,7 @@ def run_serve(args: Any, out: TextIO) -> int:
             return b""
         return collector[0].exposition() + b"".join(p.exposition() for p in extra)
 
-    server = MetricsServer(render, health, host, port)  # binds now: fail before loading BPF
+    server = MetricsServer(render, health, listen)  # binds now: fail before loading BPF
     watcher = None
     attributor = None
     try:
@@ -208,7 +208,11 @@ def run_serve(args: Any, out: TextIO) -> int:
         if args.profiles:
             tick = _every(args.profile_refresh, session.program.reset_unique, then=pipeline.tick)
         server.start()
-        log.info("serving", listen=f"{host}:{server.port}", endpoints=["/metrics", "/healthz"])
+        log.info(
+            "serving",
+            listen=str(listen._replace(port=server.port)),
+            endpoints=["/metrics", "/healthz"],
+        )
         try:
             session.run(stop, pipeline.on_batch, on_tick=tick)
         finally:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from capwatch.text import from_bytes
+
 __all__ = [
     "EVENT_DTYPE",
     "EVENT_SIZE",
@@ -109,7 +111,8 @@ class Event:
 
 
 def _comm(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    # Lossless: a comm is raw bytes (prctl(PR_SET_NAME)); sinks escape (capwatch.text).
+    return from_bytes(raw.split(b"\0", 1)[0])
 
 
 def _event(f: Sequence[Any]) -> Event:

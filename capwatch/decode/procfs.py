@@ -73,7 +73,7 @@ def parse_status(text: str, pid: int = 0) -> ProcStatus:
 def read_status(pid: int, *, proc_root: str = "/proc") -> ProcStatus:
     path = os.path.join(proc_root, str(pid), "status")
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
     except FileNotFoundError:
         raise CapwatchError(f"no process with pid {pid} (no {path})") from None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capwatch.decode.caps import DANGEROUS, cap_name, cap_short
+from capwatch.text import visible, visible_all
 
 __all__ = ["RUNTIME_COMMS", "Advice", "Observation", "advise"]
 
@@ -58,6 +59,10 @@ class Advice:
         return f"CapabilityBoundingSet={names}\nAmbientCapabilities={names}\n"
 
     def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = visible_all(self._dict())  # evidence quotes comms
+        return out
+
+    def _dict(self) -> dict[str, Any]:
         return {
             "target": self.target,
             "observed_seconds": round(self.duration_s, 1),
@@ -96,7 +101,7 @@ class Advice:
             "note: only what ran while observed is covered; rarely used paths "
             "(error handling, upgrades, signals) may need more"
         )
-        return "\n".join(out) + "\n"
+        return "\n".join(visible(line) for line in out) + "\n"  # evidence quotes comms
 
 
 def _is_runtime(comm: str) -> bool:

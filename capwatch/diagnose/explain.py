@@ -14,6 +14,7 @@ from capwatch.attribution.containers import CONTAINER_KINDS
 from capwatch.decode.caps import DANGEROUS, cap_name, cap_short
 from capwatch.decode.procfs import ProcStatus
 from capwatch.diagnose.outcome import outcome_text, role_of
+from capwatch.text import visible, visible_all
 
 __all__ = ["DenialFacts", "Explanation", "explain"]
 
@@ -55,7 +56,9 @@ class Explanation:
     count: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # comm, names and the fixes quoting them come from processes and runtimes
+        out: dict[str, Any] = visible_all(self.__dict__)
+        return out
 
     def render(self) -> str:
         lines = [
@@ -69,7 +72,8 @@ class Explanation:
             lines += [f"    {f['context']}: {f['fix']}" for f in self.fixes]
         if self.warning:
             lines.append(f"  warning: {self.warning}")
-        return "\n".join(lines) + "\n"
+        # each line escaped on its own: a newline or ESC in a comm stays visible text
+        return "\n".join(visible(line) for line in lines) + "\n"
 
 
 def _missing_from(cap: int, st: ProcStatus | None) -> str:

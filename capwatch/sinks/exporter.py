@@ -33,6 +33,7 @@ from capwatch.attribution.containers import Workload
 from capwatch.attribution.workloads import identity_of, is_settled
 from capwatch.decode.caps import cap_name
 from capwatch.pipeline import Check
+from capwatch.text import visible
 
 __all__ = ["METRIC_NAMES", "CapwatchCollector", "DenialCounter", "ExporterState"]
 
@@ -81,7 +82,13 @@ def workload_labels(w: Workload) -> tuple[str, str, str, str]:
     ident = identity_of(w)
     if w.kind == "host":
         return ("", "", "host", "host")
-    return (ident["namespace"], ident["pod"], ident["container"], ident["runtime"])
+    # Names come from cgroup directories and runtimes: any bytes (capwatch.text).
+    return (
+        visible(ident["namespace"]),
+        visible(ident["pod"]),
+        visible(ident["container"]),
+        visible(ident["runtime"]),
+    )
 
 
 class ExporterState:
@@ -254,12 +261,13 @@ class CapwatchCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self._scrape:
+            t0 = time.perf_counter()
             checks = CounterMetricFamily(
                 "capwatch_checks", _CHECKS_HELP, labels=list(_CHECKS_LABELS)
             )
             for key, n in self.state.series().items():
                 checks.add_metric(list(key), n)
-            families = [checks, *self._rest()]
+            families = [checks, *self._rest(t0)]
         yield from families
 
     def exposition(self) -> bytes:
@@ -268,6 +276,7 @@ class CapwatchCollector(Collector):
             return self._exposition()
 
     def _exposition(self) -> bytes:
+        t0 = time.perf_counter()  # around the whole collection, the kernel read included
         series = self.state.series()
         lines = [
             f"# HELP capwatch_checks_total {_CHECKS_HELP}\n",
@@ -283,11 +292,10 @@ class CapwatchCollector(Collector):
                 p = prefix[key] = f"capwatch_checks_total{{{inner}}} "
             lines.append(p + floatToGoString(n) + "\n")  # type: ignore[no-untyped-call]
         rest = CollectorRegistry(auto_describe=False)
-        rest.register(_Rest(self))
+        rest.register(_Rest(self, t0))
         return "".join(lines).encode() + generate_latest(rest)
 
-    def _rest(self) -> Iterator[Metric]:
-        t0 = time.perf_counter()
+    def _rest(self, t0: float) -> Iterator[Metric]:
         st = self.state
         den = CounterMetricFamily(
             "capwatch_denials",
@@ -350,17 +358,18 @@ class CapwatchCollector(Collector):
         st.last_scrape_s = time.perf_counter() - t0
         yield GaugeMetricFamily(
             "capwatch_scrape_duration_seconds",
-            "Time to build this scrape's metrics.",
+            "Time to build this scrape's metrics, the kernel map read included.",
             value=st.last_scrape_s,
         )
 
 
 class _Rest(Collector):
-    def __init__(self, owner: CapwatchCollector) -> None:
+    def __init__(self, owner: CapwatchCollector, t0: float) -> None:
         self.owner = owner
+        self.t0 = t0
 
     def collect(self) -> Iterator[Metric]:
-        return self.owner._rest()
+        return self.owner._rest(self.t0)
 
 
 class DenialCounter:

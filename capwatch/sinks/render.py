@@ -6,6 +6,7 @@ import json
 from typing import TextIO
 
 from capwatch.pipeline import Check
+from capwatch.text import visible, visible_all
 
 __all__ = ["TABLE_HEADER", "JsonWriter", "TableWriter"]
 
@@ -17,7 +18,15 @@ class JsonWriter:
         self.out = out
 
     def write(self, check: Check) -> None:
-        self.out.write(json.dumps(check.to_dict(), separators=(",", ":")) + "\n")
+        # comm and workload names are any bytes: valid UTF-8, no controls (capwatch.text).
+        # ASCII JSON writes every control and non-ASCII character as a backslash
+        # escape (DEL aside), so a line with neither needs no second pass (the
+        # common case).
+        rec = check.to_dict()
+        line = json.dumps(rec, separators=(",", ":"))
+        if "\\" in line or "\x7f" in line:
+            line = json.dumps(visible_all(rec), separators=(",", ":"))
+        self.out.write(line + "\n")
         self.out.flush()
 
     def tick(self) -> None:
@@ -43,7 +52,8 @@ class TableWriter:
     def write(self, check: Check) -> None:
         t = check.iso_time()[11:19]
         line = (
-            f"{t:<8} {check.pid:>7} {check.comm[:15]:<15} {check.container[:12]:<12} "
+            f"{t:<8} {check.pid:>7} {visible(check.comm)[:15]:<15} "
+            f"{visible(check.container)[:12]:<12} "
             f"{check.capability[:20]:<20} {check.verdict:<7} {check.syscall[:14]:<14}"
         )
         if check.suppressed:

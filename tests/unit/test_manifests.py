@@ -180,6 +180,9 @@ SERVICEMONITOR_SCHEMA: dict[str, Any] = {
                             "metricRelabelings": {"type": "array", "items": _RELABEL},
                             "tlsConfig": {"type": "object"},
                             "bearerTokenSecret": {"type": "object"},
+                            # deprecated for `authorization`, still what kube-prometheus
+                            # uses to scrape through kube-rbac-proxy
+                            "bearerTokenFile": {"type": "string", "pattern": "^/"},
                             "authorization": {"type": "object"},
                         },
                     },
@@ -251,6 +254,7 @@ class TestKustomizeBuild:
             "ClusterRoleBinding",
             "DaemonSet",
             "Namespace",
+            "NetworkPolicy",
             "PrometheusRule",
             "Service",
             "ServiceAccount",
@@ -461,6 +465,122 @@ class TestWiring:
         }
         assert [subject] == binding["subjects"]
         assert sa["metadata"]["name"] == ds["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+def _admitted(docs: tuple[dict[str, Any], ...]) -> list[tuple[str, str]]:
+    """(namespace, port) pairs the NetworkPolicy admits to the capwatch pods."""
+    pol, ds = by_kind(docs, "NetworkPolicy"), by_kind(docs, "DaemonSet")
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert pol["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert ["Ingress"] == pol["spec"]["policyTypes"]
+    out = []
+    for rule in pol["spec"]["ingress"]:
+        for peer in rule["from"]:
+            assert ["namespaceSelector"] == list(peer)  # no ipBlock, no bare podSelector
+            ns = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            out += [(ns, p["port"]) for p in rule["ports"]]
+    return out
+
+
+class TestNetworkPolicy:
+    @pytest.mark.parametrize("overlay", OVERLAYS)
+    def test_only_the_prometheus_namespace_reaches_the_metrics_port(self, overlay: str) -> None:
+        """Ingress to capwatch pods: from the monitoring namespace, to the metrics port only."""
+        docs = build(overlay)
+        assert [("monitoring", "metrics")] == _admitted(docs)
+        ports = {p["name"] for p in container(overlay)["ports"]}
+        assert "metrics" in ports
+
+
+PROXY = "kube-rbac-proxy"
+
+
+class TestKubeRbacProxy:
+    """overlays/kube-rbac-proxy: capwatch on loopback, TLS + SubjectAccessReview in front."""
+
+    def _containers(self) -> dict[str, dict[str, Any]]:
+        return {c["name"]: c for c in pod_spec(PROXY)["containers"]}
+
+    def test_builds_and_validates(self) -> None:
+        """Every core object validates strictly on both Kubernetes versions; CRDs match."""
+        docs = build(PROXY)
+        for version in K8S_VERSIONS:
+            for doc in docs:
+                if doc["kind"] not in CRD_KINDS:
+                    kubernetes_validate.validate(doc, version, strict=True)
+        for kind in sorted(CRD_KINDS):
+            jsonschema.validate(by_kind(docs, kind), CRD_SCHEMAS[kind])
+
+    def test_capwatch_listens_on_loopback_behind_the_proxy(self) -> None:
+        """capwatch binds 127.0.0.1 with no pod port; the proxy's upstream is that address."""
+        cs = self._containers()
+        assert ["capwatch", PROXY] == list(cs)
+        cw, proxy = cs["capwatch"], cs[PROXY]
+        assert "--listen=127.0.0.1:9649" in cw["args"]
+        assert "ports" not in cw
+        assert "--upstream=http://127.0.0.1:9649/" in proxy["args"]
+        assert [{"name": "https-metrics", "containerPort": 8443, "protocol": "TCP"}] == proxy[
+            "ports"
+        ]
+        assert "--secure-listen-address=0.0.0.0:8443" in proxy["args"]
+        sc = proxy["securityContext"]
+        assert (True, False, ["ALL"]) == (
+            sc["runAsNonRoot"],
+            sc["allowPrivilegeEscalation"],
+            sc["capabilities"]["drop"],
+        )
+
+    @pytest.mark.parametrize("probe", ["startupProbe", "livenessProbe", "readinessProbe"])
+    def test_probes_reach_healthz_through_the_proxy_unauthenticated(self, probe: str) -> None:
+        """The kubelet probes /healthz over HTTPS on the proxy port; only /healthz skips auth."""
+        cs = self._containers()
+        assert {"path": "/healthz", "port": "https-metrics", "scheme": "HTTPS"} == cs["capwatch"][
+            probe
+        ]["httpGet"]
+        assert "--ignore-paths=/healthz" in cs[PROXY]["args"]
+
+    def test_service_monitor_and_policy_use_the_tls_port(self) -> None:
+        """Service, ServiceMonitor (https + the service-account token) and NetworkPolicy
+        all point at the proxy's port, never at capwatch's."""
+        docs = build(PROXY)
+        svc, sm = by_kind(docs, "Service"), by_kind(docs, "ServiceMonitor")
+        assert [("https-metrics", "https-metrics")] == [
+            (p["name"], p["targetPort"]) for p in svc["spec"]["ports"]
+        ]
+        ep = sm["spec"]["endpoints"][0]
+        assert ("https-metrics", "https", "/metrics") == (ep["port"], ep["scheme"], ep["path"])
+        assert ep["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        assert [("monitoring", "https-metrics")] == _admitted(docs)
+
+    def test_rbac_for_reviews_and_for_reading_metrics(self) -> None:
+        """The DaemonSet's account may create token and access reviews; Prometheus's
+        account may GET /metrics; nothing more is added."""
+        docs = build(PROXY)
+        roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+        bindings = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRoleBinding"}
+        assert [
+            {
+                "apiGroups": ["authentication.k8s.io"],
+                "resources": ["tokenreviews"],
+                "verbs": ["create"],
+            },
+            {
+                "apiGroups": ["authorization.k8s.io"],
+                "resources": ["subjectaccessreviews"],
+                "verbs": ["create"],
+            },
+        ] == roles["capwatch-kube-rbac-proxy"]["rules"]
+        assert [
+            {"kind": "ServiceAccount", "name": "capwatch", "namespace": "capwatch"}
+        ] == bindings["capwatch-kube-rbac-proxy"]["subjects"]
+        assert [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}] == roles[
+            "capwatch-metrics-reader"
+        ]["rules"]
+        assert [
+            {"kind": "ServiceAccount", "name": "prometheus-k8s", "namespace": "monitoring"}
+        ] == bindings["capwatch-metrics-reader"]["subjects"]
+        for name, b in bindings.items():
+            assert name == b["roleRef"]["name"]
 
 
 class TestSecurityVariants:

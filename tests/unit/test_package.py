@@ -15,7 +15,7 @@ PKG = Path(capwatch.__file__).parent
 #: The layers, lowest first: a module may import from its own layer and the
 #: ones below it, never from one above (docs/design.md, "Layers").
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"errors", "logs", "ratelimit"}),
+    frozenset({"errors", "logs", "ratelimit", "text", "listen"}),
     frozenset({"decode"}),
     frozenset({"kernel"}),
     frozenset({"attribution"}),

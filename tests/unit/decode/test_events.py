@@ -106,8 +106,10 @@ class TestDecode:
             decode_record(b"\0" * 63)
 
     def test_non_utf8_comm_degrades(self) -> None:
-        """A comm with invalid UTF-8 is decoded with replacement characters."""
-        assert "a\ufffd" == decode_record(_pack(comm=b"a\xff")).comm
+        """A comm with invalid UTF-8 keeps its bytes (surrogateescape) for the sinks to escape."""
+        assert b"a\xff" == decode_record(_pack(comm=b"a\xff")).comm.encode(
+            "utf-8", "surrogateescape"
+        )
 
     @given(
         st.integers(0, 2**64 - 1),
