@@ -10,8 +10,10 @@ from typing import NoReturn, TextIO
 
 from capwatch import __version__
 from capwatch.commands.options import (
+    add_from,
     add_kernel_opts,
     add_policy,
+    add_record_parser,
     add_state_file,
     cap_arg,
     dir_arg,
@@ -60,6 +62,7 @@ def _build_parser() -> _Parser:
         help="show each denial's syscall result (cause or probe); hooks every syscall exit",
     )
     t.add_argument("--duration", type=duration, help="stop after this long (e.g. 30s)")
+    add_from(t)
     t.add_argument(
         "--ring-pages",
         type=pow2_arg,
@@ -70,6 +73,8 @@ def _build_parser() -> _Parser:
     add_state_file(t)
     add_policy(t)
     add_kernel_opts(t)
+
+    add_record_parser(sub)
 
     d = sub.add_parser("decode", help="decode a capability mask such as 0000001dbdbeffff")
     d.add_argument("mask", type=mask_arg)
@@ -143,6 +148,7 @@ def _build_parser() -> _Parser:
         )
         add_policy(ex)
         ex.add_argument("--json", action="store_true")
+        add_from(ex)
         if name == "explain":
             ex.add_argument(
                 "--last",
@@ -163,6 +169,14 @@ def _build_parser() -> _Parser:
 
 def _observe_cmd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch.commands import observe
+
+    if args.from_:
+        from capwatch.commands import replay
+
+        replay.check_from(args)
+        if args.command == "explain":
+            return replay.run_explain_from(args, out, err)
+        return replay.run_advise_from(args, out, err)
 
     targets = sum(
         bool(x) for x in (args.cmd, args.pid, args.container, getattr(args, "last", None))
@@ -185,9 +199,17 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return run_serve(args, out)  # its log is stdout: it configures logging itself
     configure_logging(err)  # stdout is data: module loggers write to stderr
     if args.command == "trace":
+        if args.from_:
+            from capwatch.commands.replay import run_trace_from
+
+            return run_trace_from(args, out, err)
         from capwatch.commands.trace import run_trace
 
         return run_trace(args, out, err)
+    if args.command == "record":
+        from capwatch.commands.record import run_record
+
+        return run_record(args, out, err)
     if args.command in ("explain", "advise"):
         return _observe_cmd(args, out, err)
     from capwatch.commands import info

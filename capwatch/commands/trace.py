@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from capwatch.attribution.containers import Workload
 from capwatch.attribution.workloads import WorkloadFilter
+from capwatch.decode.events import Event
+from capwatch.decode.procfs import ProcStatus
 from capwatch.diagnose.policy import Policy
-from capwatch.pipeline import Pipeline, Sink, status_of
+from capwatch.pipeline import Clock, Pipeline, Sink, status_of
 
 __all__ = ["run_trace", "trace_pipeline"]
 
@@ -26,20 +29,37 @@ def trace_pipeline(
     unique: bool = False,
     proc_root: str = "/proc",
     note_pid: Callable[[int, int], None] | None = None,
+    snapshot: Callable[[Event], ProcStatus | None] | None = None,
+    accept: Callable[[Event], bool] | None = None,
+    clock: Clock | None = None,
+    monotonic_ns: Callable[[], int] | None = None,
 ) -> Pipeline:
     """trace's configuration: both rings, the command-line filters, classified
-    like serve's (the same denial makes the same record)."""
+    like serve's (the same denial makes the same record). A replay passes the
+    recording's ``snapshot``, ``clock`` and ``monotonic_ns``, and ``accept``
+    for what the kernel filtered live (--pid, --cap)."""
+    by_comm = (lambda ev: ev.comm == comm) if comm else None
     return Pipeline(
         resolve,
         sinks,
         policy=policy,
         outcome=outcome,
-        accept=(lambda ev: ev.comm == comm) if comm else None,
+        accept=_both(by_comm, accept),
         keep=keep if keep is not None and keep.active else None,
         unique=unique,
-        snapshot=status_of(proc_root),
+        snapshot=snapshot or status_of(proc_root),
         note_pid=note_pid,
+        clock=clock,
+        monotonic_ns=monotonic_ns or time.monotonic_ns,
     )
+
+
+def _both(
+    a: Callable[[Event], bool] | None, b: Callable[[Event], bool] | None
+) -> Callable[[Event], bool] | None:
+    if a is None or b is None:
+        return a or b
+    return lambda ev: a(ev) and b(ev)
 
 
 def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
