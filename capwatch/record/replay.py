@@ -78,6 +78,10 @@ class Recording:
     def snapshot(self, ev: Event) -> ProcStatus | None:
         return self._sets.get(ev.pid)
 
+    def sets_of(self, pid: int) -> ProcStatus | None:
+        """The capability sets recorded for ``pid`` so far (read at its first denial)."""
+        return self._sets.get(pid)
+
     def now_ns(self) -> int:
         """The recording's CLOCK_MONOTONIC at the drain being replayed."""
         return self._t_ns
