@@ -64,6 +64,11 @@ def _build_parser() -> _Parser:
     t.add_argument("--duration", type=duration, help="stop after this long (e.g. 30s)")
     add_from(t)
     t.add_argument(
+        "--record",
+        metavar="FILE",
+        help="also record what is traced to FILE (capwatch record's format), to replay with --from",
+    )
+    t.add_argument(
         "--ring-pages",
         type=pow2_arg,
         default=4096,

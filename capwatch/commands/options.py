@@ -154,9 +154,7 @@ def add_record_parser(sub: argparse._SubParsersAction[Any]) -> None:
     mode.add_argument("--unique", action="store_true", help="each distinct check once")
     r.add_argument("--pid", type=positive_int, help="only this process (thread group id)")
     r.add_argument("--cap", type=cap_arg, help="only this capability (name or number)")
-    r.add_argument(
-        "--outcome", action="store_true", help="record each denial's syscall result too"
-    )
+    r.add_argument("--outcome", action="store_true", help="record each denial's syscall result too")
     r.add_argument("--duration", type=duration, help="stop after this long (e.g. 30s)")
     r.add_argument(
         "--max-size",

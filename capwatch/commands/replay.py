@@ -53,6 +53,8 @@ def _finish(rec: Recording, err: TextIO, what: str) -> int:
 def run_trace_from(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch.sinks.render import JsonWriter, TableWriter
 
+    if args.record:
+        raise UsageError("trace: --record and --from together (a recording is already one)")
     rec = Recording(args.from_)
     if args.outcome and not rec.config.get("outcome"):
         raise UsageError("trace --outcome: this recording was made without --outcome")
