@@ -15,6 +15,7 @@ from capwatch.commands.options import (
     add_policy,
     add_record_parser,
     add_state_file,
+    add_top_parser,
     cap_arg,
     dir_arg,
     duration,
@@ -166,6 +167,8 @@ def _build_parser() -> _Parser:
             add_state_file(ex)
         add_kernel_opts(ex)
 
+    add_top_parser(sub)
+
     doc = sub.add_parser("doctor", help="check what this kernel and host support")
     doc.add_argument("--json", action="store_true")
     doc.add_argument("--kernel-headers", type=dir_arg, metavar="DIR")
@@ -211,6 +214,10 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         from capwatch.commands.trace import run_trace
 
         return run_trace(args, out, err)
+    if args.command == "top":
+        from capwatch.commands.top import run_top
+
+        return run_top(args, out, err)
     if args.command == "record":
         from capwatch.commands.record import run_record
 

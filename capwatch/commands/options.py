@@ -17,6 +17,7 @@ __all__ = [
     "add_policy",
     "add_record_parser",
     "add_state_file",
+    "add_top_parser",
     "cap_arg",
     "dir_arg",
     "duration",
@@ -173,3 +174,27 @@ def add_record_parser(sub: argparse._SubParsersAction[Any]) -> None:
         help="pages of the ring for allowed checks (--all/--unique; default 4096 = 16 MiB)",
     )
     add_kernel_opts(r)
+
+
+def add_top_parser(sub: argparse._SubParsersAction[Any]) -> None:
+    t = sub.add_parser("top", help="a full-screen live view of capability checks by workload")
+    t.add_argument("--all", action="store_true", help="learn every check's syscall (costs more)")
+    t.add_argument("--once", action="store_true", help="print one snapshot and exit (no terminal)")
+    t.add_argument("--interval", type=duration, default=1.0, help="refresh interval (default 1s)")
+    t.add_argument(
+        "--sort",
+        choices=["denials", "rate", "total"],
+        default="denials",
+        help="row order (keys d, r, t; default denials first)",
+    )
+    t.add_argument("--filter", metavar="TEXT", help="only rows naming TEXT (key /)")
+    add_from(t)
+    t.add_argument(
+        "--ring-pages",
+        type=pow2_arg,
+        default=4096,
+        metavar="N",
+        help="pages of the ring for allowed checks (--all; default 4096 = 16 MiB)",
+    )
+    add_policy(t)
+    add_kernel_opts(t)
