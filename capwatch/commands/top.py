@@ -44,7 +44,12 @@ class Screen:
         curses.curs_set(0)
         stdscr.nodelay(True)
         stdscr.keypad(True)
-        self.styles = {"denied": curses.A_BOLD, "header": curses.A_REVERSE, "title": curses.A_BOLD}
+        self.styles = {
+            "denied": curses.A_BOLD,
+            "expected": curses.A_DIM,
+            "header": curses.A_REVERSE,
+            "title": curses.A_BOLD,
+        }
         if curses.has_colors():
             curses.start_color()
             curses.use_default_colors()

@@ -22,7 +22,8 @@ from capwatch.pipeline import Check
 
 __all__ = ["SORTS", "Row", "Status", "TopModel", "layout"]
 
-#: Sort keys: denials first then by rate (the default), by rate, by total.
+#: Sort keys: denials first (unexpected ones, then known probes), then by rate
+#: (the default); by rate; by total.
 SORTS = ("denials", "rate", "total")
 Key = tuple[str, int, bool]  # (workload, capability, denied)
 
@@ -40,6 +41,7 @@ class Row:
     total: int  # since capwatch attached
     syscall: str = ""  # the most seen (from the ring), "" when not seen
     comm: str = ""
+    expected: bool = False  # denied, and every denial seen was a known probe (policy, outcome)
 
     @property
     def capability(self) -> str:
@@ -47,7 +49,9 @@ class Row:
 
     @property
     def verdict(self) -> str:
-        return "denied" if self.denied else "allowed"
+        if not self.denied:
+            return "allowed"
+        return "expected" if self.expected else "denied"
 
     def matches(self, text: str) -> bool:
         t = text.lower()
@@ -72,6 +76,7 @@ class Status:
 class _Seen:
     syscalls: Counter[str] = field(default_factory=Counter)
     comms: Counter[str] = field(default_factory=Counter)
+    unexpected: int = 0  # denials no policy rule or outcome explains
 
 
 class TopModel:
@@ -98,6 +103,8 @@ class TopModel:
             seen = self._seen[key] = _Seen()
         seen.syscalls[check.syscall] += check.count
         seen.comms[check.comm] += check.count
+        if check.denied and not check.expected:
+            seen.unexpected += check.count
 
     def tick(self) -> None:
         pass
@@ -136,11 +143,19 @@ class TopModel:
                 total=total,
                 syscall=seen.syscalls.most_common(1)[0][0] if seen else "",
                 comm=seen.comms.most_common(1)[0][0] if seen else "",
+                expected=key[2] and seen is not None and seen.unexpected == 0,
             )
             if not text or row.matches(text):
                 out.append(row)
         order: dict[str, Callable[[Row], tuple[object, ...]]] = {
-            "denials": lambda r: (not r.denied, -r.rate, -r.total, r.workload, r.cap),
+            "denials": lambda r: (
+                not r.denied,
+                r.expected,
+                -r.rate,
+                -r.total,
+                r.workload,
+                r.cap,
+            ),
             "rate": lambda r: (-r.rate, -r.total, r.workload, r.cap, r.denied),
             "total": lambda r: (-r.total, -r.rate, r.workload, r.cap, r.denied),
         }
@@ -162,16 +177,17 @@ def layout(
     prompt: str | None = None,
 ) -> list[tuple[str, str]]:
     """The screen as (line, style) pairs, at most ``height`` lines of at most
-    ``width`` characters. Styles: title, status, header, denied, allowed, help."""
+    ``width`` characters. Styles: title, status, header, denied, expected,
+    allowed, help."""
     width = max(width, 40)
     comm_w = 15 if width >= 100 else 0
-    fixed = 20 + 7 + 9 + 11 + 14 + 5 + (comm_w + 1 if comm_w else 0)
+    fixed = 20 + 8 + 9 + 11 + 14 + 5 + (comm_w + 1 if comm_w else 0)
     wl_w = max(8, width - fixed - 1)
 
     def line(*cells: str) -> str:
         wl, cap, verdict, rate, total, sc, comm = cells
         s = (
-            f"{wl[:wl_w]:<{wl_w}} {cap[:20]:<20} {verdict[:7]:<7} {rate[:9]:>9}"
+            f"{wl[:wl_w]:<{wl_w}} {cap[:20]:<20} {verdict[:8]:<8} {rate[:9]:>9}"
             f" {total[:11]:>11} {sc[:14]:<14}"
         )
         if comm_w:
@@ -181,8 +197,9 @@ def layout(
     denied_rate = sum(r.rate for r in rows if r.denied)
     all_rate = sum(r.rate for r in rows)
     title = (
-        f"capwatch top  {status.source}  checks/s {_fmt_rate(all_rate)}"
-        f"  denied/s {_fmt_rate(denied_rate)}  sort:{sort}" + (f"  filter:{text}" if text else "")
+        f"capwatch top  sort:{sort}"
+        + (f"  filter:{text}" if text else "")
+        + f"  checks/s {_fmt_rate(all_rate)}  denied/s {_fmt_rate(denied_rate)}  {status.source}"
     )
     stat = (
         f"lost: denials {status.lost_denials} checks {status.lost_checks}"
@@ -208,7 +225,7 @@ def layout(
                     r.syscall or "-",
                     r.comm or "-",
                 ),
-                "denied" if r.denied else "allowed",
+                "expected" if r.expected else "denied" if r.denied else "allowed",
             )
         )
     if len(shown) < len(rows):

@@ -164,3 +164,26 @@ class TestLayout:
     def test_the_filter_prompt_replaces_the_help_line(self) -> None:
         screen = layout(rows(2), Status(), 80, 24, prompt="SYS_TI")
         assert screen[-1][0].startswith("filter: SYS_TI_")
+
+
+class TestExpectedDenials:
+    def test_known_probes_rank_below_unexpected_denials_however_fast(self) -> None:
+        """A fork's CAP_SYS_ADMIN probe (the default policy expects it) at 10x the
+        rate of a real CAP_SYS_TIME denial: the denial is first, the probe is
+        marked expected."""
+        m = TopModel(resolve, start_s=0.0)
+        p = trace_pipeline(resolve, [m], policy=Policy.load(None), outcome=False)
+        b = np.zeros(2, dtype=EVENT_DTYPE)
+        b[0] = (1, 7, 11, 11, 0, SYS_TIME, 227, 0, F_DENIED, 0, b"date")
+        b[1] = (2, 7, 11, 11, 0, 21, 56, 0, F_DENIED, 0, b"sh")  # clone: vm-enough-memory
+        p.on_batch("denials", b)
+        p.close()
+        m.update({(7, SYS_TIME, True): 50, (7, 21, True): 500}, 1.0)
+        got = [(r.capability, r.verdict) for r in m.rows()]
+        assert [("CAP_SYS_TIME", "denied"), ("CAP_SYS_ADMIN", "expected")] == got
+        assert ("CAP_SYS_ADMIN", "expected") == (
+            m.rows(sort="rate")[0].capability,
+            m.rows(sort="rate")[0].verdict,
+        )
+        styles = [s for _, s in layout(m.rows(), Status(), 80, 24)[3:5]]
+        assert ["denied", "expected"] == styles
