@@ -48,6 +48,7 @@ __all__ = [
     "Drain",
     "Frame",
     "FrameReader",
+    "drain_body",
     "encode_drain",
     "encode_file_header",
     "encode_frame",
@@ -83,11 +84,17 @@ def encode_host(host: dict[str, Any]) -> bytes:
     return encode_frame(HOST, json.dumps(host, separators=(",", ":")).encode())
 
 
-def encode_drain(meta: dict[str, Any], rings: list[tuple[str, bytes]]) -> bytes:
-    """One drain: ``rings`` are (ring name, that ring's raw records)."""
+def drain_body(meta: dict[str, Any], rings: list[tuple[str, bytes]]) -> bytes:
+    """One drain's body, before compression: ``rings`` are (ring name, that
+    ring's raw records)."""
     meta = {**meta, "rings": [[name, len(data) // EVENT_SIZE] for name, data in rings]}
     mj = json.dumps(meta, separators=(",", ":")).encode()
-    return encode_frame(DRAIN, b"".join([_META_LEN.pack(len(mj)), mj, *(d for _, d in rings)]))
+    return b"".join([_META_LEN.pack(len(mj)), mj, *(d for _, d in rings)])
+
+
+def encode_drain(meta: dict[str, Any], rings: list[tuple[str, bytes]]) -> bytes:
+    """One drain as a whole frame."""
+    return encode_frame(DRAIN, drain_body(meta, rings))
 
 
 def workload_to_json(w: Workload) -> dict[str, Any]:

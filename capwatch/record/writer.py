@@ -3,8 +3,8 @@ needs to attribute and explain them exactly as live did.
 
 :class:`Recorder` stands where the pipeline would (``on_batch`` per ring batch,
 ``tick`` after every drain) and keeps its per-event work to copying the batch's
-bytes and one ``numpy.unique`` over its cgroup ids. Per drain it writes one
-frame (one compress, one write(2)): the records, the workloads of cgroups seen
+bytes and one ``numpy.unique`` over its cgroup ids. Per drain it queues one
+frame (compressed and written by :class:`RecordingFile`'s thread): the records, the workloads of cgroups seen
 for the first time or whose identity changed (a name learnt later), and the
 sets of each denying process, read on its first denial by the pipeline's own
 :class:`~capwatch.pipeline.StatusSnapshots`. About once a second it adds the
@@ -19,6 +19,8 @@ known, so any one of them replays on its own.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,14 +35,19 @@ from capwatch.decode.procfs import ProcStatus
 from capwatch.errors import RecordingError
 from capwatch.pipeline import StatusSnapshots
 from capwatch.record.format import (
-    encode_drain,
+    DRAIN,
+    drain_body,
     encode_file_header,
+    encode_frame,
     encode_host,
     status_to_json,
     workload_to_json,
 )
 
 __all__ = ["Recorder", "RecordingFile", "rotated_names"]
+
+_ROTATE = -1  # a queue item: start the next file with this preamble
+_FILE_START = 512  # about what a file's header and host frame take
 
 
 def rotated_names(path: str, keep: int) -> list[str]:
@@ -50,7 +57,14 @@ def rotated_names(path: str, keep: int) -> list[str]:
 
 
 class RecordingFile:
-    """Append-only frames to ``path``; a new file when it passes ``max_size``."""
+    """Append-only frames to ``path``; a new file when it passes ``max_size``.
+
+    The consumer hands over uncompressed frame bodies (:meth:`write_frame`);
+    a thread of its own compresses (zlib releases the GIL) and writes them, so
+    compression never holds up the drain loop. The queue is bounded: if the
+    disk cannot keep up, :meth:`write_frame` waits and the kernel's ring
+    absorbs the difference (its losses are counted, as live). A write error
+    is raised in the consumer at its next frame, or at :meth:`close`."""
 
     def __init__(
         self,
@@ -60,6 +74,7 @@ class RecordingFile:
         *,
         max_size: int | None = None,
         keep: int = 4,
+        queue_frames: int = 64,
     ) -> None:
         self.path = path
         self.host = host
@@ -71,9 +86,15 @@ class RecordingFile:
         self.frames = 0
         self._fd = -1
         self._size = 0
-        self._open()
+        self._ratio = 0.5  # compressed / raw, as the writer last saw it
+        self._est = 0  # this file's size, estimated by the consumer
+        self._error: RecordingError | None = None
+        self._open(preamble())
+        self._q: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=queue_frames)
+        self._thread = threading.Thread(target=self._run, name="capwatch-record", daemon=True)
+        self._thread.start()
 
-    def _open(self) -> None:
+    def _open(self, preamble: bytes) -> None:
         try:
             self._fd = os.open(
                 self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600
@@ -84,9 +105,8 @@ class RecordingFile:
         self.files += 1
         host = {**self.host, "file": self.files}
         self._write(encode_file_header() + encode_host(host))
-        pre = self.preamble()
-        if pre:
-            self._write(pre)
+        if preamble:
+            self._write(encode_frame(DRAIN, preamble))
 
     def _write(self, data: bytes) -> None:
         try:
@@ -98,24 +118,57 @@ class RecordingFile:
         self._size += len(data)
         self.bytes += len(data)
 
-    def write_frame(self, frame: bytes) -> None:
-        self._write(frame)
-        self.frames += 1
-        if self.max_size is not None and self._size >= self.max_size:
-            self._rotate()
+    def write_frame(self, body: bytes) -> None:
+        """Queue one drain's body (capwatch.record.format.drain_body)."""
+        if self._error is not None:
+            raise self._error
+        self._q.put((DRAIN, body))
+        # The size is estimated here, from the compression ratio the writer last
+        # saw, so that the file breaks between the same frames whatever the
+        # writer's lag, and the next file restates the state as of that frame.
+        self._est += int(len(body) * self._ratio) + 9
+        if self.max_size is not None and self._est >= self.max_size:
+            pre = self.preamble()
+            self._q.put((_ROTATE, pre))
+            self._est = _FILE_START + int(len(pre) * self._ratio)
 
-    def _rotate(self) -> None:
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep taking frames: the consumer must not block on a dead writer
+            kind, body = item
+            try:
+                if kind == _ROTATE:
+                    self._rotate(body)
+                else:
+                    frame = encode_frame(kind, body)
+                    self._write(frame)
+                    self._ratio = max(0.01, len(frame) / max(1, len(body)))
+                    self.frames += 1
+            except RecordingError as exc:
+                self._error = exc
+
+    def _rotate(self, preamble: bytes) -> None:
         os.close(self._fd)
         for i in range(self.keep, 0, -1):
             src = self.path if i == 1 else f"{self.path}.{i - 1}"
             if os.path.exists(src):
                 os.replace(src, f"{self.path}.{i}")
-        self._open()
+        self._open(preamble)
 
     def close(self) -> None:
+        """Write what is queued, then close; raises the writer's error, if any."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._error is not None:
+            raise self._error
 
 
 class Recorder:
@@ -173,7 +226,7 @@ class Recorder:
             "w": [workload_to_json(w) for w in self._known.values()],
             "s": [status_to_json(s) for s in self._sets.values()],
         }
-        return encode_drain(meta, [])
+        return drain_body(meta, [])
 
     # -- the pipeline's place ----------------------------------------------
 
@@ -218,7 +271,7 @@ class Recorder:
                 meta["stats"] = self.stats()
         if not self._rings and len(meta) == 1:
             return
-        self.file.write_frame(encode_drain(meta, self._rings))
+        self.file.write_frame(drain_body(meta, self._rings))
         self._rings, self._new_w, self._new_s = [], {}, []
 
     def close(self) -> None:
