@@ -327,3 +327,33 @@ def _events_in(body: bytes) -> int:
     from capwatch.record.format import Drain
 
     return sum(len(b) for _, b in Drain.decode(body).batches)
+
+
+class TestWriteErrors:
+    def test_a_full_disk_is_one_error_not_a_traceback(self, tmp_path: Path) -> None:
+        """/dev/full refuses every write: the recorder says so in one line."""
+        with pytest.raises(RecordingError, match=r"cannot write /dev/full: No space left"):
+            record(Path("/dev/full"), DRAINS)
+
+    def test_record_to_a_missing_directory_is_one_line(self, tmp_path: Path) -> None:
+        """The CLI refuses before attaching when it cannot write the file."""
+        r = run_capwatch("record", "-o", str(tmp_path / "no" / "such" / "f"), "--duration", "1")
+        assert 0 != r.returncode
+        assert 1 == len(r.stderr.strip().splitlines()), r.stderr
+        assert "Traceback" not in r.stderr
+
+
+class TestTopFromARecording:
+    def test_top_once_shows_the_recorded_counts(self, tmp_path: Path) -> None:
+        """top --once --from: the rows are the recorded count map's, named by the
+        recorded identities (the container's name, learnt while recording)."""
+        f = tmp_path / "a.cwrec"
+        record(f, DRAINS)
+        r = run_capwatch("top", "--once", "--from", str(f))
+        assert 0 == r.returncode, r.stderr
+        table = [ln.split() for ln in r.stdout.splitlines()[3:]]
+        assert [["web", "CAP_SYS_TIME", "denied"], ["host", "CAP_SETUID", "allowed"]] == [
+            row[:3] for row in table
+        ]
+        assert ["1", "5"] == [row[4] for row in table]
+        assert "clock_settime" == table[0][5]
