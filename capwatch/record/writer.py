@@ -244,7 +244,7 @@ class Recorder:
 
     def _learn(self, cg: int, pid: int) -> None:
         w = self.resolve(cg)
-        if w.cgroup_path is None and self.note_pid is not None:
+        if w.cgroup_path is None and self.note_pid is not None and pid:
             self.note_pid(cg, pid)  # as the pipeline's hold queue does
             w = self.resolve(cg)
         self._known[cg] = self._new_w[cg] = w
@@ -266,7 +266,13 @@ class Recorder:
             meta["s"] = [status_to_json(s) for s in self._new_s]
         if self.counts is not None and now - self._last_counts >= self.count_interval_ns:
             self._last_counts = now
-            meta["counts"] = [[c, k, int(d), n] for (c, k, d), n in self.counts().items()]
+            counts = self.counts()
+            for c, _, _ in counts:
+                if c not in self._known:
+                    self._learn(c, 0)  # a cgroup only the count map has seen (top --from)
+            if self._new_w:
+                meta["w"] = [workload_to_json(w) for w in self._new_w.values()]
+            meta["counts"] = [[c, k, int(d), n] for (c, k, d), n in counts.items()]
             if self.stats is not None:
                 meta["stats"] = self.stats()
         if not self._rings and len(meta) == 1:

@@ -357,3 +357,14 @@ class TestTopFromARecording:
         ]
         assert ["1", "5"] == [row[4] for row in table]
         assert "clock_settime" == table[0][5]
+
+
+def test_a_cgroup_only_the_count_map_saw_is_named_in_the_recording(tmp_path: Path) -> None:
+    """Allowed checks without --all reach only the count map: their cgroups are
+    recorded too, so that top --from names the rows as live top did."""
+    f = tmp_path / "c.cwrec"
+    r = Recorder(str(f), HOST, Names(), status_of(PROC), counts=lambda: {(9, SETUID, False): 12})
+    r.tick()
+    r.close()
+    _, rec = replay(f)
+    assert ({(9, SETUID, False): 12}, "ntp.service") == (rec.counts, rec.resolve(9).label)
