@@ -11,6 +11,7 @@ import time
 from typing import Any, TextIO
 
 from capwatch import __version__
+from capwatch.errors import RecordingError
 from capwatch.pipeline import Clock, status_of
 
 __all__ = ["boot_time", "host_facts", "run_record"]
@@ -55,6 +56,9 @@ def run_record(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch.kernel.session import Session, stop_on_signals
     from capwatch.record.writer import Recorder
 
+    where = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(where) or not os.access(where, os.W_OK):
+        raise RecordingError(f"cannot write {args.output}: {where} is not a writable directory")
     config = bpf.ProgramConfig(
         emit_all=args.all,
         unique=args.unique,
