@@ -12,6 +12,7 @@ __all__ = [
     "K8sConfigError",
     "PolicyError",
     "PrivilegeError",
+    "RecordingError",
     "RingBufferError",
     "UsageError",
 ]
@@ -67,3 +68,7 @@ class ApiError(CapwatchError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+
+
+class RecordingError(CapwatchError):
+    """A recording (capwatch record -o FILE) that cannot be read or written."""

@@ -319,7 +319,15 @@ class Pipeline:
         self._seen: set[tuple[Any, ...]] = set()
         self._identity: dict[Workload, Identity] = {}
         self.written = 0
-        self.hold = HoldQueue(resolve, self._joined_or_not, note_pid=note_pid, k8s=k8s)
+        # The hold's clock is the pipeline's: a replay's is the recording's, so an
+        # identity learnt too late live is too late on replay as well.
+        self.hold = HoldQueue(
+            resolve,
+            self._joined_or_not,
+            note_pid=note_pid,
+            k8s=k8s,
+            clock=lambda: self._monotonic_ns() / 1e9,
+        )
         self.joiner = OutcomeJoiner(self._emit) if outcome else None
 
     # -- the event path --------------------------------------------------------

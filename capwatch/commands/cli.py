@@ -10,9 +10,12 @@ from typing import NoReturn, TextIO
 
 from capwatch import __version__
 from capwatch.commands.options import (
+    add_from,
     add_kernel_opts,
     add_policy,
+    add_record_parser,
     add_state_file,
+    add_top_parser,
     cap_arg,
     dir_arg,
     duration,
@@ -60,6 +63,12 @@ def _build_parser() -> _Parser:
         help="show each denial's syscall result (cause or probe); hooks every syscall exit",
     )
     t.add_argument("--duration", type=duration, help="stop after this long (e.g. 30s)")
+    add_from(t)
+    t.add_argument(
+        "--record",
+        metavar="FILE",
+        help="also record what is traced to FILE (capwatch record's format), to replay with --from",
+    )
     t.add_argument(
         "--ring-pages",
         type=pow2_arg,
@@ -70,6 +79,8 @@ def _build_parser() -> _Parser:
     add_state_file(t)
     add_policy(t)
     add_kernel_opts(t)
+
+    add_record_parser(sub)
 
     d = sub.add_parser("decode", help="decode a capability mask such as 0000001dbdbeffff")
     d.add_argument("mask", type=mask_arg)
@@ -183,6 +194,7 @@ def _build_parser() -> _Parser:
                 default=7 * 86400.0,
                 help="how far back Prometheus looks (default 7d)",
             )
+        add_from(ex)
         if name == "explain":
             ex.add_argument(
                 "--last",
@@ -195,6 +207,8 @@ def _build_parser() -> _Parser:
             add_state_file(ex)
         add_kernel_opts(ex)
 
+    add_top_parser(sub)
+
     doc = sub.add_parser("doctor", help="check what this kernel and host support")
     doc.add_argument("--json", action="store_true")
     doc.add_argument("--kernel-headers", type=dir_arg, metavar="DIR")
@@ -203,6 +217,14 @@ def _build_parser() -> _Parser:
 
 def _observe_cmd(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch.commands import observe
+
+    if args.from_:
+        from capwatch.commands import replay
+
+        replay.check_from(args)
+        if args.command == "explain":
+            return replay.run_explain_from(args, out, err)
+        return replay.run_advise_from(args, out, err)
 
     targets = sum(
         bool(x)
@@ -237,9 +259,21 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return run_serve(args, out)  # its log is stdout: it configures logging itself
     configure_logging(err)  # stdout is data: module loggers write to stderr
     if args.command == "trace":
+        if args.from_:
+            from capwatch.commands.replay import run_trace_from
+
+            return run_trace_from(args, out, err)
         from capwatch.commands.trace import run_trace
 
         return run_trace(args, out, err)
+    if args.command == "top":
+        from capwatch.commands.top import run_top
+
+        return run_top(args, out, err)
+    if args.command == "record":
+        from capwatch.commands.record import run_record
+
+        return run_record(args, out, err)
     if args.command in ("explain", "advise"):
         return _observe_cmd(args, out, err)
     from capwatch.commands import info

@@ -26,7 +26,7 @@ from capwatch.attribution.containers import Attributor, ContainerNames, Workload
 from capwatch.commands import runcmd
 from capwatch.decode import procfs
 from capwatch.decode.events import Event
-from capwatch.diagnose.advise import Observation, advise
+from capwatch.diagnose.advise import Advice, Observation, advise
 from capwatch.diagnose.explain import Explanation, explain
 from capwatch.diagnose.policy import Policy
 from capwatch.errors import CapwatchError, UsageError
@@ -34,7 +34,7 @@ from capwatch.kernel import bpf as _bpf
 from capwatch.kernel.session import Session, stop_on_signals
 from capwatch.pipeline import Check, Pipeline, facts_of, status_of
 
-__all__ = ["Findings", "Observed", "Target", "run_advise", "run_explain"]
+__all__ = ["Findings", "Observed", "Target", "advice_of", "run_advise", "run_explain"]
 
 
 @dataclass
@@ -286,7 +286,13 @@ def _print(args: argparse.Namespace, exps: list[Explanation], out: TextIO) -> No
 def run_advise(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     target = make_target(args, unique=False)
     seen = _observe(args, target, err)
-    col = seen.collector
+    a = advice_of(seen.collector, seen.seconds, target.label)
+    out.write(json.dumps(a.to_dict()) + "\n" if args.json else a.render())
+    return 0
+
+
+def advice_of(col: Findings, seconds: float, label: str) -> Advice:
+    """What advise says of what a Findings sink collected (live or replayed)."""
     obs: list[Observation] = [
         Observation(cap, False, syscall, comm, probe_rule=rule, count=n)
         for (cap, syscall, comm, rule), n in col.allowed.items()
@@ -303,9 +309,7 @@ def run_advise(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         for c in col.denials
     ]
-    a = advise(obs, duration_s=seen.seconds, target=target.label)
-    out.write(json.dumps(a.to_dict()) + "\n" if args.json else a.render())
-    return 0
+    return advise(obs, duration_s=seconds, target=label)
 
 
 def _policy_rule(c: Check) -> str | None:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from capwatch.attribution.containers import Workload
 from capwatch.attribution.workloads import WorkloadFilter
+from capwatch.decode.events import Batch, Event
+from capwatch.decode.procfs import ProcStatus
 from capwatch.diagnose.policy import Policy
-from capwatch.pipeline import Pipeline, Sink, status_of
+from capwatch.pipeline import Clock, Pipeline, Sink, status_of
+
+if TYPE_CHECKING:
+    from capwatch.record.writer import Recorder
 
 __all__ = ["run_trace", "trace_pipeline"]
 
@@ -26,20 +32,54 @@ def trace_pipeline(
     unique: bool = False,
     proc_root: str = "/proc",
     note_pid: Callable[[int, int], None] | None = None,
+    snapshot: Callable[[Event], ProcStatus | None] | None = None,
+    accept: Callable[[Event], bool] | None = None,
+    clock: Clock | None = None,
+    monotonic_ns: Callable[[], int] | None = None,
 ) -> Pipeline:
     """trace's configuration: both rings, the command-line filters, classified
-    like serve's (the same denial makes the same record)."""
+    like serve's (the same denial makes the same record). A replay passes the
+    recording's ``snapshot``, ``clock`` and ``monotonic_ns``, and ``accept``
+    for what the kernel filtered live (--pid, --cap)."""
+    by_comm = (lambda ev: ev.comm == comm) if comm else None
     return Pipeline(
         resolve,
         sinks,
         policy=policy,
         outcome=outcome,
-        accept=(lambda ev: ev.comm == comm) if comm else None,
+        accept=_both(by_comm, accept),
         keep=keep if keep is not None and keep.active else None,
         unique=unique,
-        snapshot=status_of(proc_root),
+        snapshot=snapshot or status_of(proc_root),
         note_pid=note_pid,
+        clock=clock,
+        monotonic_ns=monotonic_ns or time.monotonic_ns,
     )
+
+
+def _both(
+    a: Callable[[Event], bool] | None, b: Callable[[Event], bool] | None
+) -> Callable[[Event], bool] | None:
+    if a is None or b is None:
+        return a or b
+    return lambda ev: a(ev) and b(ev)
+
+
+def _tee(
+    recorder: Recorder, pipeline: Pipeline
+) -> tuple[Callable[[str, Batch], None], Callable[[], None]]:
+    """trace --record: each batch to the recording and the pipeline; at each
+    tick the recording first, so it holds the identities the pipeline then used."""
+
+    def on_batch(ring: str, batch: Batch) -> None:
+        recorder.on_batch(ring, batch)
+        pipeline.on_batch(ring, batch)
+
+    def on_tick() -> None:
+        recorder.tick()
+        pipeline.tick()
+
+    return on_batch, on_tick
 
 
 def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -91,9 +131,28 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         proc_root=args.proc_root,
         note_pid=attributor.note_pid,
     )
+    on_batch: Callable[[str, Batch], None] = pipeline.on_batch
+    on_tick: Callable[[], None] = pipeline.tick
+    recorder: Recorder | None = None
+    if args.record:
+        from capwatch.commands.record import host_facts
+        from capwatch.record.writer import Recorder
+
+        recorder = Recorder(
+            args.record,
+            host_facts(args, session.mode, config),
+            attributor.resolve,
+            status_of(args.proc_root),
+            counts=session.program.read_counts,
+            stats=session.program.read_stats,
+            note_pid=attributor.note_pid,
+        )
+        on_batch, on_tick = _tee(recorder, pipeline)
     try:
-        session.run(stop, pipeline.on_batch, on_tick=pipeline.tick)
+        session.run(stop, on_batch, on_tick=on_tick)
         pipeline.close()
+        if recorder is not None:
+            recorder.close()
     finally:
         stats = session.program.read_stats()
         errors = session.decode_errors()

@@ -72,3 +72,42 @@ def setuid_loop(n: int) -> int:
     code = "import os,sys\nfor _ in range(int(sys.argv[1])): os.setuid(0)\nprint(os.getpid())"
     p = subprocess.run(["python3", "-c", code, str(n)], capture_output=True, text=True, check=True)
     return int(p.stdout)
+
+
+class RecordProcess:
+    """`capwatch record -o FILE ARGS` in the background, stopped with SIGINT."""
+
+    def __init__(self, path: str, *args: str, ready_timeout: float = 30) -> None:
+        self.proc = subprocess.Popen(
+            [*CAPWATCH, "record", "-o", path, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            if "attached via" in line:
+                return
+        self.proc.kill()
+        _, err = self.proc.communicate()
+        pytest.fail(f"capwatch record did not attach: {err}")
+
+    def stop(self, timeout: float = 20) -> str:
+        time.sleep(0.3)
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=timeout)
+        assert 0 == self.proc.returncode, err
+        return err
+
+    def __enter__(self) -> RecordProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -21,6 +21,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"attribution"}),
     frozenset({"diagnose"}),
     frozenset({"pipeline"}),
+    frozenset({"record"}),
     frozenset({"sinks"}),
     frozenset({"commands"}),
 )
@@ -73,7 +74,7 @@ class TestPackage:
                 assert hasattr(mod, attr), f"{name}.{attr}"
 
     def test_no_import_from_a_higher_layer(self) -> None:
-        """decode < kernel < attribution < diagnose < pipeline < sinks < commands."""
+        """decode < kernel < attribution < diagnose < pipeline < record < sinks < commands."""
         bad = []
         for name, path in _modules():
             mine = _layer(name)
