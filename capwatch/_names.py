@@ -2,8 +2,9 @@
 
 podman's ``<graphroot>/<driver>-containers/containers.json`` (one file listing id
 and names of every container, re-read when its mtime changes), docker's
-``<docker_root>/containers/<id>/config.v2.json``; ``podman inspect`` /
-``docker inspect`` at most once per id as the fallback. Used by
+``<docker_root>/containers/<id>/config.v2.json`` then its Engine API, and
+containerd's task state (:mod:`capwatch.runtime_api`, its own thread, no exec);
+``podman inspect`` at most once per id as podman's fallback. Used by
 :class:`capwatch.containers.Attributor`.
 """
 
@@ -19,6 +20,8 @@ import threading
 from collections.abc import Callable
 
 import structlog
+
+from capwatch.runtime_api import ContainerdTask, Pending, RuntimeNames
 
 __all__ = ["ContainerNames", "NameListener"]
 
@@ -41,6 +44,7 @@ class ContainerNames:
         docker_root: str = "/var/lib/docker",
         inspect: bool = True,
         background: bool = True,
+        runtimes: RuntimeNames | None = None,
     ) -> None:
         self.storage_root = storage_root
         self.docker_root = docker_root
@@ -51,6 +55,9 @@ class ContainerNames:
         self._podman_mtimes: dict[str, float] = {}
         self._queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self.inspections = 0
+        self._owns_runtimes = runtimes is None
+        self.runtimes = runtimes if runtimes is not None else RuntimeNames(background=background)
+        self.runtimes.subscribe(self._on_runtime)
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(
@@ -81,22 +88,41 @@ class ContainerNames:
             self._load_podman_store()
             name = self._names.get(container_id)
         elif name is None and runtime == "docker":
-            name = self._read_docker_config(container_id)
-        if name is None and self._inspect:
+            # the Engine API; with a background thread this queues the id, whose
+            # name then comes through _on_runtime (retried while docker is down)
+            name = self._read_docker_config(container_id) or self.runtimes.docker_name(
+                container_id
+            )
+        if name is None and self._inspect and runtime == "podman":
             name = self._run_inspect(runtime, container_id)
         if name:
             self._learn({container_id: name})
         return name
 
+    def containerd_task(self, cgroup_path: str) -> ContainerdTask | Pending | None:
+        """The containerd task of this cgroup, None if none, ``PENDING`` while looked up."""
+        return self.runtimes.containerd_task(cgroup_path)
+
+    def _on_runtime(self, key: str) -> None:
+        # a docker id now named, or a cgroup path containerd was asked about
+        name = self.runtimes.known_docker(key)
+        if name is not None:
+            self._learn({key: name})
+        else:
+            self._tell(key)
+
+    def _tell(self, key: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(key)
+            except Exception as e:
+                _log.warning("container_name_listener_failed", error=repr(e))
+
     def _learn(self, names: dict[str, str]) -> None:
         new = {cid: n for cid, n in names.items() if self._names.get(cid) != n}
         self._names.update(new)
         for cid in new:
-            for listener in list(self._listeners):
-                try:
-                    listener(cid)
-                except Exception as e:
-                    _log.warning("container_name_listener_failed", error=repr(e))
+            self._tell(cid)
 
     def _load_podman_store(self) -> None:
         # containers/storage keeps one containers.json per storage driver
@@ -159,7 +185,9 @@ class ContainerNames:
                 _log.warning("container_name_lookup_failed", id=item[1], error=repr(e))
 
     def close(self) -> None:
-        """Stop the look-up thread."""
+        """Stop the look-up threads."""
+        if self._owns_runtimes:
+            self.runtimes.close()
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=15)

@@ -36,6 +36,7 @@ from capwatch.cgroups import (
     cgroup_path_of_pid,
     find_cgroup2_mount,
 )
+from capwatch.runtime_api import ContainerdTask
 
 if TYPE_CHECKING:
     from capwatch.k8s import PodCache
@@ -65,6 +66,8 @@ class Workload:
     (docker, containerd, crio, podman) when known, else the kind. ``monitor`` marks
     a runtime's monitor process (conmon), which runs beside the container, not in it.
     ``name`` is the container's name as its runtime (or Kubernetes) reports it.
+    ``namespace`` is the pod's Kubernetes namespace, or for a container run by
+    containerd itself (``ctr run``), its containerd namespace.
     """
 
     kind: str
@@ -79,6 +82,7 @@ class Workload:
     namespace: str = ""
     container_name: str = ""
     monitor: bool = False
+    naming: bool = False  # a runtime is being asked who this is (not final yet)
     label: str = field(init=False, default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -332,6 +336,20 @@ class Attributor:
             return unresolved(cgroup_id)
 
     def _enrich(self, w: Workload) -> Workload:
+        if self._names is not None and w.kind == "unknown" and w.cgroup_path is not None:
+            # containerd's own cgroups (ctr run: /<namespace>/<id>) carry no
+            # runtime mark: its task state says whose cgroup this is.
+            task = self._names.containerd_task(w.cgroup_path)
+            if isinstance(task, ContainerdTask):
+                return replace(
+                    w,
+                    kind="containerd",
+                    runtime="containerd",
+                    container_id=task.id,
+                    namespace=task.namespace,
+                    name=task.name,
+                )
+            return replace(w, naming=task is not None)
         if self._names is not None and w.container_id and w.runtime in ("podman", "docker"):
             name = self._names.lookup(w.runtime, w.container_id)
             if name:
@@ -372,8 +390,9 @@ class Attributor:
             if result.forgotten:
                 self._invalidate(lambda cid, w: cid in result.forgotten)
 
-    def _on_name(self, container_id: str) -> None:
-        self._invalidate(lambda cid, w: w.container_id == container_id)
+    def _on_name(self, key: str) -> None:
+        # a container id now named, or a cgroup path a runtime was asked about
+        self._invalidate(lambda cid, w: key in (w.container_id, w.cgroup_path))
 
     def _on_pods(self, pod_uids: frozenset[str]) -> None:
         self._invalidate(lambda cid, w: w.pod_uid in pod_uids)
