@@ -46,6 +46,7 @@ __all__ = [
     "Attributor",
     "ContainerNames",
     "Workload",
+    "as_containerd",
     "classify",
     "unresolved",
 ]
@@ -227,6 +228,19 @@ def classify(cgroup_path: str, cgroup_id: int = 0) -> Workload:
     return Workload(kind="unknown", runtime="unknown", cgroup_path=cgroup_path, cgroup_id=cgroup_id)
 
 
+def as_containerd(w: Workload, task: ContainerdTask) -> Workload:
+    """``w``, a cgroup containerd's task state names as ``task``'s."""
+    return replace(
+        w,
+        kind="containerd",
+        runtime="containerd",
+        container_id=task.id,
+        namespace=task.namespace,
+        name=task.name,
+        naming=False,
+    )
+
+
 # --- the facade -----------------------------------------------------------------
 
 _MAX_UNRESOLVED = 4096  # bound on cached cgroup:<id> entries (a flood of bogus ids)
@@ -259,7 +273,9 @@ class Attributor:
         self._cache: dict[int, Workload] = {}
         self._lock = threading.RLock()
         self._pending: dict[int, float] = {}  # unresolved id -> time of its first miss
-        self._noted: set[int] = set()  # ids whose path was read from a pid (note_pid)
+        # (cgroup id, pid) pairs whose path was read (note_pid): once per pair, so that
+        # a process gone or moved before its read does not stop a later one telling
+        self._noted: set[tuple[int, int]] = set()
         self._owned: list[CgroupResolver | ContainerNames] = []
         if resolver is None:
             root = cgroup_root
@@ -296,11 +312,11 @@ class Attributor:
         """An event of an unknown cgroup came from ``pid``: learn the cgroup's path
         from /proc/PID/cgroup now (one small read, once per id), so that a
         container that exits before the next walk is still attributed."""
-        if cgroup_id in self._noted or self.cgroup_root is None:
+        if (cgroup_id, pid) in self._noted or self.cgroup_root is None:
             return
         if len(self._noted) >= _MAX_UNRESOLVED:
             self._noted.clear()
-        self._noted.add(cgroup_id)
+        self._noted.add((cgroup_id, pid))
         path = cgroup_path_of_pid(pid, proc_root=self.proc_root)
         if path is None:
             return
@@ -341,14 +357,7 @@ class Attributor:
             # runtime mark: its task state says whose cgroup this is.
             task = self._names.containerd_task(w.cgroup_path)
             if isinstance(task, ContainerdTask):
-                return replace(
-                    w,
-                    kind="containerd",
-                    runtime="containerd",
-                    container_id=task.id,
-                    namespace=task.namespace,
-                    name=task.name,
-                )
+                return as_containerd(w, task)
             return replace(w, naming=task is not None)
         if self._names is not None and w.container_id and w.runtime in ("podman", "docker"):
             name = self._names.lookup(w.runtime, w.container_id)

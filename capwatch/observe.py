@@ -24,14 +24,16 @@ from typing import Any, TextIO
 from capwatch import _bpf, procfs
 from capwatch.advise import Observation, advise
 from capwatch.cgroups import find_cgroup2_mount, walk_cgroup_tree
-from capwatch.containers import Attributor, ContainerNames, Workload, classify
+from capwatch.containers import Attributor, ContainerNames, Workload, as_containerd, classify
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.events import Batch, Event, events_from_batch
 from capwatch.explain import DenialFacts, Explanation, explain
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
+from capwatch.runtime_api import ContainerdTask
 from capwatch.session import Session, stop_on_signals
 from capwatch.syscalls import syscall_name
+from capwatch.workloads import is_settled
 
 __all__ = ["Target", "run_advise", "run_explain"]
 
@@ -58,10 +60,17 @@ def _container_cgroups(args: argparse.Namespace, text: str) -> tuple[str, set[in
     found: dict[int, Workload] = {}
     for cid, path in walk_cgroup_tree(root).items():
         w = classify(path, cid)
+        if w.kind == "unknown" and isinstance(task := names.containerd_task(path), ContainerdTask):
+            w = as_containerd(w, task)  # ctr run: /<namespace>/<id>
         if not w.container_id or w.monitor:
             continue
-        if (len(text) >= 3 and w.container_id.startswith(text)) or (
-            w.runtime in ("podman", "docker") and names.fetch(w.runtime, w.container_id) == text
+        if (
+            (len(text) >= 3 and w.container_id.startswith(text))
+            or (w.runtime == "containerd" and text in (w.name, w.container_id))
+            or (
+                w.runtime in ("podman", "docker")
+                and names.fetch(w.runtime, w.container_id) == text
+            )
         ):
             found[cid] = w
     names.close()
@@ -185,6 +194,8 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[
     policy = Policy.load(getattr(args, "policy", None))
     stop = threading.Event()
     attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
+    for cg in target.cgroup_ids:  # start the runtime look-ups while the container runs
+        attributor.resolve(cg)
     col = _Collector(target, attributor, policy, args.proc_root)
     session = Session(target.config, args.attach, kernel_headers=args.kernel_headers)
     t0 = time.monotonic()
@@ -245,6 +256,17 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[
     return col, time.monotonic() - t0
 
 
+def _settled(attributor: Attributor, cgroup_id: int, timeout: float = 2.0) -> Workload:
+    """The workload once its runtime answered (names come on another thread), or as it
+    stands after ``timeout`` seconds (a runtime down)."""
+    deadline = time.monotonic() + timeout
+    w = attributor.resolve(cgroup_id)
+    while not is_settled(w) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        w = attributor.resolve(cgroup_id)
+    return w
+
+
 def _explanations(col: _Collector) -> list[Explanation]:
     seen: dict[tuple[Any, ...], Explanation] = {}
     for j in col.joined:
@@ -254,7 +276,7 @@ def _explanations(col: _Collector) -> list[Explanation]:
         if key in seen:
             seen[key].count += 1
             continue
-        w = col.attributor.resolve(ev.cgroup_id)
+        w = _settled(col.attributor, ev.cgroup_id)
         status = col.status.get(ev.pid)
         rule = col.policy.classify(
             cap=ev.cap,

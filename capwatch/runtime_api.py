@@ -344,9 +344,11 @@ class RuntimeNames:
                     return None
                 self._want_paths[cgroup_path] = None
                 self._wake.set()
-        if self._thread is None:
+        if self._thread is None:  # one-shot use: look now, whatever the rate limit
+            self._last_scan = float("-inf")
             self.poll()
-            return self.containerd_task(cgroup_path)
+            with self._lock:
+                return self._tasks.get(cgroup_path)
         return PENDING
 
     # -- the look-up thread --
