@@ -316,10 +316,16 @@ class LiveTrace:
     def _read_out(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            if line.strip():
-                with self._cond:
-                    self.records.append(json.loads(line))
-                    self._cond.notify_all()
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                # not a record: structlog's default logger (until capwatch configures
+                # one, issue 11) prints module warnings to stdout
+                self.err.append(line)
+                continue
+            with self._cond:
+                self.records.append(rec)
+                self._cond.notify_all()
 
     def _read_err(self) -> None:
         assert self.proc.stderr is not None
