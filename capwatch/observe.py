@@ -30,7 +30,7 @@ from capwatch.events import Batch, Event, events_from_batch
 from capwatch.explain import DenialFacts, Explanation, explain
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
-from capwatch.runtime_api import ContainerdTask
+from capwatch.runtime_api import ContainerdTask, daemon_run
 from capwatch.session import Session, stop_on_signals
 from capwatch.syscalls import syscall_name
 from capwatch.workloads import is_settled
@@ -201,6 +201,11 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[
     t0 = time.monotonic()
     child: subprocess.Popen[bytes] | None = None
     try:
+        if target.argv is not None and (daemon := daemon_run(target.argv)):
+            err.write(
+                f"capwatch: note: {daemon} runs this container, not the command: its"
+                f" denials are not watched here; use {args.command} --container NAME\n"
+            )
         if target.argv is not None:
             procs = os.path.join(str(target.cgroup_dir), "cgroup.procs")
 

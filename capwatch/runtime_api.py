@@ -46,6 +46,7 @@ __all__ = [
     "RuntimeDown",
     "RuntimeNames",
     "containerd_state_dirs",
+    "daemon_run",
     "docker_socket",
     "parse_container_list",
     "parse_inspect",
@@ -102,6 +103,20 @@ def containerd_state_dirs(env: dict[str, str] | None = None) -> tuple[str, ...]:
     if given:
         return tuple(p for p in given.split(":") if p)
     return CONTAINERD_STATE_DIRS
+
+
+def daemon_run(argv: list[str]) -> str | None:
+    """The daemon that would run the container of a ``docker run`` / ``ctr run`` /
+    ``nerdctl run`` command line (its processes are the daemon's children, not the
+    command's), or None for any other command. podman runs its containers itself."""
+    if not argv:
+        return None
+    daemons = {"docker": "dockerd", "ctr": "containerd", "nerdctl": "containerd"}
+    daemon = daemons.get(os.path.basename(argv[0]))
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    if daemon and "run" in words[:3]:  # run, container run, -n NS run
+        return daemon
+    return None
 
 
 # --- docker -----------------------------------------------------------------------
@@ -283,6 +298,7 @@ class RuntimeNames:
         self.requests = 0  # docker API requests made (list + inspect)
         self.scans = 0  # containerd state scans
         self.docker_up: bool | None = None  # None until first asked
+        self.docker_error = ""  # why the last request failed, while docker_up is False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -397,14 +413,14 @@ class RuntimeNames:
                 else:
                     learnt[cid] = name
         except RuntimeDown as e:
-            if self.docker_up is not False:
-                _log.warning("docker_api_unavailable", error=str(e))
+            # Not logged: until the commands configure logging (issue 11) structlog
+            # prints to stdout, into trace's and explain's JSON. The state is kept.
+            self.docker_error = str(e)
             self.docker_up = False
             self._backoff = min(self.max_backoff, max(self.min_interval, self._backoff * 2))
             self._next_try = now + self._backoff
             return
-        if self.docker_up is False:
-            _log.info("docker_api_back", socket=self.docker.socket_path)
+        self.docker_error = ""
         self.docker_up = True
         self._backoff = 0.0
         self._next_try = now

@@ -26,6 +26,7 @@ from capwatch.runtime_api import (
     RuntimeDown,
     RuntimeNames,
     containerd_state_dirs,
+    daemon_run,
     docker_socket,
     parse_container_list,
     parse_inspect,
@@ -171,6 +172,18 @@ class TestParsing:
         assert "/var/run/docker.sock" == docker_socket({"DOCKER_HOST": "tcp://1.2.3.4:2375"})
         assert ("/a", "/b") == containerd_state_dirs({"CAPWATCH_CONTAINERD_STATE": "/a:/b"})
         assert "/run/containerd" in containerd_state_dirs({})
+
+
+def test_daemon_run() -> None:
+    """`explain -- docker run ...` cannot watch the container (dockerd's child): which
+    command lines say so."""
+    assert "dockerd" == daemon_run(["/usr/bin/docker", "run", "--rm", "img"])
+    assert "dockerd" == daemon_run(["docker", "--debug", "container", "run", "img"])
+    assert "containerd" == daemon_run(["ctr", "-n", "x", "run", "--rm", "img", "id"])
+    assert daemon_run(["docker", "ps"]) is None
+    assert daemon_run(["podman", "run", "img"]) is None
+    assert daemon_run(["date", "-s", "run"]) is None
+    assert daemon_run([]) is None
 
 
 class TestDockerEngine:
