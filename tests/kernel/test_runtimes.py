@@ -17,9 +17,9 @@ import pytest
 
 from capwatch.advise import CTR_DEFAULT_CAPS
 from capwatch.caps import cap_name
-from tests.conftest import CAPWATCH, REPO
+from tests.conftest import CAPWATCH, REPO, run_capwatch
 from tests.kernel.conftest import IMAGE
-from tests.kernel.runtimes import NO_SECCOMP, Containerd, Dockerd, LiveTrace, cgroup_of
+from tests.kernel.runtimes import DOCKER, NO_SECCOMP, Containerd, Dockerd, LiveTrace, cgroup_of
 from tests.kernel.tracing import run_denied_date
 
 pytestmark = [pytest.mark.kernel, pytest.mark.container, pytest.mark.usefixtures("runtime_env")]
@@ -231,6 +231,18 @@ class TestExplainAndAdvise:
             *argv[1:], "--rm", "--network", "none", IMAGE, "cat", "/proc/self/status"
         )
         assert bounding(r.stdout) & (1 << CAP_SYS_TIME)
+
+    def test_explain_docker_run_points_to_container(self, dockerd: Dockerd) -> None:
+        """explain -- docker run ...: the container is dockerd's child, not the command's,
+        so its denials cannot be watched that way; capwatch says so and what to run."""
+        r = run_capwatch(
+            "explain", "--json", "--", DOCKER, "run", "--rm", "--network", "none", IMAGE, "true"
+        )
+        assert 0 == r.returncode, r.stderr
+        assert (
+            "capwatch: note: dockerd runs this container, not the command: its denials are"
+            " not watched here; use explain --container NAME"
+        ) in r.stderr.splitlines()
 
     def test_explain_ctr_container(
         self, containerd: Containerd, busybox_root: Path, tmp_path: Path
