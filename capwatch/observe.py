@@ -274,6 +274,7 @@ def _settled(attributor: Attributor, cgroup_id: int, timeout: float = 2.0) -> Wo
 
 def _explanations(col: _Collector) -> list[Explanation]:
     seen: dict[tuple[Any, ...], Explanation] = {}
+    waited: set[int] = set()
     for j in col.joined:
         ev = j.event
         syscall = syscall_name(ev.syscall_nr)
@@ -281,7 +282,11 @@ def _explanations(col: _Collector) -> list[Explanation]:
         if key in seen:
             seen[key].count += 1
             continue
-        w = _settled(col.attributor, ev.cgroup_id)
+        if ev.cgroup_id in waited:
+            w = col.attributor.resolve(ev.cgroup_id)
+        else:  # wait for a runtime's answer once per cgroup, not per denial
+            waited.add(ev.cgroup_id)
+            w = _settled(col.attributor, ev.cgroup_id)
         status = col.status.get(ev.pid)
         rule = col.policy.classify(
             cap=ev.cap,

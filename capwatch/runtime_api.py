@@ -313,6 +313,8 @@ class RuntimeNames:
         self._backoff = 0.0
         self._next_try = float("-inf")
         self._last_scan = float("-inf")
+        self._present = False
+        self._present_checked = float("-inf")
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(
@@ -351,7 +353,7 @@ class RuntimeNames:
             task = self._tasks.get(cgroup_path)
             if task is not None:
                 return task
-            if not self.containerd_state or _recent(
+            if not self._containerd_present() or _recent(
                 self._not_task, cgroup_path, self.clock(), self.negative_ttl
             ):
                 return None
@@ -366,6 +368,17 @@ class RuntimeNames:
             with self._lock:
                 return self._tasks.get(cgroup_path)
         return PENDING
+
+    def _containerd_present(self) -> bool:
+        """Whether a state dir has a task directory (re-checked every 30 s at most, so
+        that a host without containerd never holds an unknown cgroup's events)."""
+        now = self.clock()
+        if now - self._present_checked >= 30.0:
+            self._present_checked = now
+            self._present = any(
+                os.path.isdir(os.path.join(d, _TASKS)) for d in self.containerd_state
+            )
+        return self._present
 
     # -- the look-up thread --
 

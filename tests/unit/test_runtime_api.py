@@ -340,6 +340,18 @@ class TestContainerd:
         assert ContainerdTask("cwtest", "t7", "t7") == names.containerd_task("/cwtest/t7")
         assert names.containerd_task("/user.slice/x") is None
 
+    def test_no_containerd_no_wait(self, tmp_path: Path) -> None:
+        """With no containerd state on the host, an unknown cgroup is answered None at
+        once, never PENDING: nothing holds its events."""
+        names = RuntimeNames(
+            docker_socket_path=str(tmp_path / "none"), containerd_state=[str(tmp_path / "no")]
+        )
+        try:
+            assert names.containerd_task("/cwtest/t7") is None
+            assert 0 == names.scans
+        finally:
+            names.close()
+
     def test_pending_on_the_thread(self, tmp_path: Path) -> None:
         """With a thread, the first answer is PENDING, then the task; listeners are told."""
         state = task_state(tmp_path, "cwtest", "t7", REAL_SPEC)
