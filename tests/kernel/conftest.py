@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.podman import busybox_rootfs
-from tests.kernel.runtimes import Containerd, Dockerd, require_runtimes
-
-IMAGE = "capwatch-busybox:test"
+from tests.kernel.runtimes import IMAGE, Containerd, Dockerd, require_runtimes
 
 
 @pytest.fixture(scope="session")

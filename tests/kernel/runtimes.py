@@ -26,6 +26,7 @@ import pytest
 from capwatch.cgroups import cgroup_id_of_pid, find_cgroup2_mount
 from tests.conftest import CAPWATCH, REPO
 
+IMAGE = "capwatch-busybox:test"  # what the dockerd fixtures import the busybox tree as
 DOCKER = "/usr/bin/docker"  # Debian's docker.io client (another `docker` may come first in PATH)
 # Seccomp: docker's default profile refuses clock_settime before the kernel
 # checks CAP_SYS_TIME; ctr runs without a profile unless --seccomp is given.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.conftest import IMAGE
 from tests.kernel.runtimes import (
+    IMAGE,
     NO_SECCOMP,
     Containerd,
     Dockerd,

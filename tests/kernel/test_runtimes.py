@@ -18,8 +18,15 @@ import pytest
 from capwatch.advise import CTR_DEFAULT_CAPS
 from capwatch.caps import cap_name
 from tests.conftest import CAPWATCH, REPO, run_capwatch
-from tests.kernel.conftest import IMAGE
-from tests.kernel.runtimes import DOCKER, NO_SECCOMP, Containerd, Dockerd, LiveTrace, cgroup_of
+from tests.kernel.runtimes import (
+    DOCKER,
+    IMAGE,
+    NO_SECCOMP,
+    Containerd,
+    Dockerd,
+    LiveTrace,
+    cgroup_of,
+)
 from tests.kernel.tracing import run_denied_date
 
 pytestmark = [pytest.mark.kernel, pytest.mark.container, pytest.mark.usefixtures("runtime_env")]
