@@ -25,8 +25,11 @@ say() { printf 'host-setup: %s\n' "$*"; }
 # uses the system site packages, so Debian's module is seen there).
 pkgs=(python3-bpfcc bpfcc-tools python3-venv python3-numpy python3-cap-ng libcap2-bin util-linux bpftool)
 if [ "$test_deps" = 1 ]; then
-  # real containers, a real Prometheus, and a peer for the benchmark
-  pkgs+=(podman runc busybox-static prometheus bpftrace clang-format debootstrap iproute2)
+  # real containers (podman; docker.io 20.10 and containerd 1.6, whose daemons the
+  # tests start themselves in temporary directories), a real Prometheus, and a
+  # peer for the benchmark
+  pkgs+=(podman runc busybox-static prometheus bpftrace clang-format debootstrap iproute2
+    docker.io containerd)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

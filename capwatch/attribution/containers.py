@@ -37,6 +37,7 @@ from capwatch.attribution.cgroups import (
     find_cgroup2_mount,
 )
 from capwatch.attribution.names import ContainerNames
+from capwatch.attribution.runtime_api import ContainerdTask
 
 if TYPE_CHECKING:
     from capwatch.attribution.k8s import PodCache
@@ -47,6 +48,7 @@ __all__ = [
     "Attributor",
     "ContainerNames",
     "Workload",
+    "as_containerd",
     "classify",
     "unresolved",
 ]
@@ -68,6 +70,8 @@ class Workload:
     a runtime's monitor process (conmon), which runs beside the container, not in it.
     ``uid`` is the user a ``user-delegated`` cgroup belongs to (-1 otherwise).
     ``name`` is the container's name as its runtime (or Kubernetes) reports it.
+    ``namespace`` is the pod's Kubernetes namespace, or for a container run by
+    containerd itself (``ctr run``), its containerd namespace.
     """
 
     kind: str
@@ -83,6 +87,7 @@ class Workload:
     container_name: str = ""
     monitor: bool = False
     uid: int = -1
+    naming: bool = False  # a runtime is being asked who this is (not final yet)
     label: str = field(init=False, default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -356,6 +361,19 @@ def classify(
     return Workload(kind="unknown", runtime="unknown", cgroup_path=cgroup_path, cgroup_id=cgroup_id)
 
 
+def as_containerd(w: Workload, task: ContainerdTask) -> Workload:
+    """``w``, a cgroup containerd's task state names as ``task``'s."""
+    return replace(
+        w,
+        kind="containerd",
+        runtime="containerd",
+        container_id=task.id,
+        namespace=task.namespace,
+        name=task.name,
+        naming=False,
+    )
+
+
 # --- the facade -----------------------------------------------------------------
 
 _MAX_UNRESOLVED = 4096  # bound on cached cgroup:<id> entries (a flood of bogus ids)
@@ -388,7 +406,9 @@ class Attributor:
         self._cache: dict[int, Workload] = {}
         self._lock = threading.RLock()
         self._pending: dict[int, float] = {}  # unresolved id -> time of its first miss
-        self._noted: set[int] = set()  # ids whose path was read from a pid (note_pid)
+        # (cgroup id, pid) pairs whose path was read (note_pid): once per pair, so that
+        # a process gone or moved before its read does not stop a later one telling
+        self._noted: set[tuple[int, int]] = set()
         self._owned: list[CgroupResolver | ContainerNames] = []
         if resolver is None:
             root = cgroup_root
@@ -425,11 +445,11 @@ class Attributor:
         """An event of an unknown cgroup came from ``pid``: learn the cgroup's path
         from /proc/PID/cgroup now (one small read, once per id), so that a
         container that exits before the next walk is still attributed."""
-        if cgroup_id in self._noted or self.cgroup_root is None:
+        if (cgroup_id, pid) in self._noted or self.cgroup_root is None:
             return
         if len(self._noted) >= _MAX_UNRESOLVED:
             self._noted.clear()
-        self._noted.add(cgroup_id)
+        self._noted.add((cgroup_id, pid))
         path = cgroup_path_of_pid(pid, proc_root=self.proc_root)
         if path is None:
             return
@@ -466,6 +486,13 @@ class Attributor:
             return unresolved(cgroup_id)
 
     def _enrich(self, w: Workload) -> Workload:
+        if self._names is not None and w.kind == "unknown" and w.cgroup_path is not None:
+            # containerd's own cgroups (ctr run: /<namespace>/<id>) carry no
+            # runtime mark: its task state says whose cgroup this is.
+            task = self._names.containerd_task(w.cgroup_path)
+            if isinstance(task, ContainerdTask):
+                return as_containerd(w, task)
+            return replace(w, naming=task is not None)
         if self._names is not None and w.container_id and w.runtime in ("podman", "docker"):
             name = self._names.lookup(w.runtime, w.container_id)
             if name:
@@ -506,8 +533,9 @@ class Attributor:
             if result.forgotten:
                 self._invalidate(lambda cid, w: cid in result.forgotten)
 
-    def _on_name(self, container_id: str) -> None:
-        self._invalidate(lambda cid, w: w.container_id == container_id)
+    def _on_name(self, key: str) -> None:
+        # a container id now named, or a cgroup path a runtime was asked about
+        self._invalidate(lambda cid, w: key in (w.container_id, w.cgroup_path))
 
     def _on_pods(self, pod_uids: frozenset[str]) -> None:
         self._invalidate(lambda cid, w: w.pod_uid in pod_uids)

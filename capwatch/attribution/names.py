@@ -2,10 +2,12 @@
 
 podman's ``<graphroot>/<driver>-containers/containers.json`` (one file listing id
 and names of every container, re-read when its mtime changes), docker's
-``<docker_root>/containers/<id>/config.v2.json``; ``podman inspect`` /
-``docker inspect`` at most once per id as the fallback. Used by
-:class:`capwatch.attribution.containers.Attributor`, which asks only for containers in the
-places runtimes put them (containers.classify), never for a user's cgroups.
+``<docker_root>/containers/<id>/config.v2.json`` then its Engine API, and
+containerd's task state (:mod:`capwatch.attribution.runtime_api`, its own thread,
+no exec); ``podman inspect`` at most once per id as podman's fallback. Used by
+:class:`capwatch.attribution.containers.Attributor`, which asks only for
+containers in the places runtimes put them (containers.classify), never for a
+user's cgroups.
 
 Bounded: at most ``max_pending`` ids wait for a look-up (more are dropped and
 counted in ``dropped``; a dropped id is asked again on a later miss), and the
@@ -26,6 +28,7 @@ from collections.abc import Callable
 
 import structlog
 
+from capwatch.attribution.runtime_api import ContainerdTask, Pending, RuntimeNames
 from capwatch.ratelimit import TokenBucket
 
 __all__ = ["ContainerNames", "NameListener"]
@@ -54,6 +57,7 @@ class ContainerNames:
         rate: float = 5.0,
         burst: int = 20,
         bucket: TokenBucket | None = None,
+        runtimes: RuntimeNames | None = None,
     ) -> None:
         self.storage_root = storage_root
         self.docker_root = docker_root
@@ -70,6 +74,9 @@ class ContainerNames:
         self.requested = 0  # ids queued for a look-up
         self.fetched = 0  # look-ups done by the thread
         self.dropped = 0  # ids not queued: max_pending were waiting
+        self._owns_runtimes = runtimes is None
+        self.runtimes = runtimes if runtimes is not None else RuntimeNames(background=background)
+        self.runtimes.subscribe(self._on_runtime)
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(
@@ -113,22 +120,41 @@ class ContainerNames:
             self._load_podman_store()
             name = self._names.get(container_id)
         elif name is None and runtime == "docker":
-            name = self._read_docker_config(container_id)
-        if name is None and self._inspect:
+            # the Engine API; with a background thread this queues the id, whose
+            # name then comes through _on_runtime (retried while docker is down)
+            name = self._read_docker_config(container_id) or self.runtimes.docker_name(
+                container_id
+            )
+        if name is None and self._inspect and runtime == "podman":
             name = self._run_inspect(runtime, container_id)
         if name:
             self._learn({container_id: name})
         return name
 
+    def containerd_task(self, cgroup_path: str) -> ContainerdTask | Pending | None:
+        """The containerd task of this cgroup, None if none, ``PENDING`` while looked up."""
+        return self.runtimes.containerd_task(cgroup_path)
+
+    def _on_runtime(self, key: str) -> None:
+        # a docker id now named, or a cgroup path containerd was asked about
+        name = self.runtimes.known_docker(key)
+        if name is not None:
+            self._learn({key: name})
+        else:
+            self._tell(key)
+
+    def _tell(self, key: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(key)
+            except Exception as e:
+                _log.warning("container_name_listener_failed", error=repr(e))
+
     def _learn(self, names: dict[str, str]) -> None:
         new = {cid: n for cid, n in names.items() if self._names.get(cid) != n}
         self._names.update(new)
         for cid in new:
-            for listener in list(self._listeners):
-                try:
-                    listener(cid)
-                except Exception as e:
-                    _log.warning("container_name_listener_failed", error=repr(e))
+            self._tell(cid)
 
     def _load_podman_store(self) -> None:
         # containers/storage keeps one containers.json per storage driver
@@ -197,7 +223,9 @@ class ContainerNames:
                 _log.warning("container_name_lookup_failed", id=item[1], error=repr(e))
 
     def close(self) -> None:
-        """Stop the look-up thread."""
+        """Stop the look-up threads."""
+        if self._owns_runtimes:
+            self.runtimes.close()
         if self._thread is not None:
             self._stop.set()
             self._queue.put(None)

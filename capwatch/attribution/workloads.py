@@ -88,7 +88,7 @@ class WorkloadFilter:
 
 def is_settled(w: Workload, *, k8s: bool = False) -> bool:
     """Whether this workload's identity is final (no walk or name look-up pending)."""
-    if w.cgroup_path is None:
+    if w.cgroup_path is None or w.naming:
         return False
     if w.container_id and w.runtime in ("podman", "docker") and not w.name:
         return False

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from capwatch.attribution.cgroups import cgroup_owners, find_cgroup2_mount, walk_cgroup_tree
-from capwatch.attribution.containers import Attributor, ContainerNames, Workload, classify
+from capwatch.attribution.containers import (
+    Attributor,
+    ContainerNames,
+    Workload,
+    as_containerd,
+    classify,
+)
+from capwatch.attribution.runtime_api import ContainerdTask, daemon_run
 from capwatch.commands import runcmd
 from capwatch.decode import procfs
 from capwatch.decode.events import Event
@@ -59,10 +66,17 @@ def _container_cgroups(args: argparse.Namespace, text: str) -> tuple[str, set[in
     found: dict[int, Workload] = {}
     for cid, path in walk_cgroup_tree(root).items():
         w = classify(path, cid, owners=cgroup_owners(root, path))
+        if w.kind == "unknown" and isinstance(task := names.containerd_task(path), ContainerdTask):
+            w = as_containerd(w, task)  # ctr run: /<namespace>/<id>
         if not w.container_id or w.monitor:
             continue
-        if (len(text) >= 3 and w.container_id.startswith(text)) or (
-            w.runtime in ("podman", "docker") and names.fetch(w.runtime, w.container_id) == text
+        if (
+            (len(text) >= 3 and w.container_id.startswith(text))
+            or (w.runtime == "containerd" and text in (w.name, w.container_id))
+            or (
+                w.runtime in ("podman", "docker")
+                and names.fetch(w.runtime, w.container_id) == text
+            )
         ):
             found[cid] = w
     names.close()
@@ -173,6 +187,8 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
     policy = Policy.load(getattr(args, "policy", None))
     stop = threading.Event()
     attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
+    for cg in target.cgroup_ids:  # start the runtime look-ups while the container runs
+        attributor.resolve(cg)
     col = Findings()
     cgroups = target.cgroup_ids
     pipeline = Pipeline(
@@ -193,6 +209,11 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
     t0 = time.monotonic()
     child: subprocess.Popen[bytes] | None = None
     try:
+        if target.argv is not None and (daemon := daemon_run(target.argv)):
+            err.write(
+                f"capwatch: note: {daemon} runs this container, not the command: its"
+                f" denials are not watched here; use {args.command} --container NAME\n"
+            )
         if target.argv is not None and target.cgroup_dir is not None:
             if target.cgroup_dir.reason:
                 err.write(

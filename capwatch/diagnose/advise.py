@@ -15,12 +15,17 @@ from typing import Any
 from capwatch.decode.caps import DANGEROUS, cap_name, cap_short
 from capwatch.text import visible, visible_all
 
-__all__ = ["RUNTIME_COMMS", "Advice", "Observation", "advise"]
+__all__ = ["CTR_DEFAULT_CAPS", "RUNTIME_COMMS", "Advice", "Observation", "advise"]
 
 #: Processes of the container runtime itself: their checks set the container
 #: up (runc's init before it execs the entrypoint, conmon) and are not the
 #: workload's own.
 RUNTIME_COMMS = ("runc", "runc:*", "crun", "conmon", "containerd-shim*", "youki", "catatonit")
+
+
+#: The capabilities ``ctr run`` grants by default (containerd's default OCI spec,
+#: the same as docker's), by number: bounding set 0xa80425fb.
+CTR_DEFAULT_CAPS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,13 @@ class Advice:
     def docker(self) -> str:
         return " ".join(["--cap-drop=ALL", *(f"--cap-add={cap_short(c)}" for c in self.caps)])
 
+    def ctr(self) -> str:
+        """``ctr run`` flags: ctr has no "drop all", so each default it does not need is
+        dropped by name (CAP_ prefix required), and what it needs beyond them added."""
+        drop = [f"--cap-drop {cap_name(c)}" for c in CTR_DEFAULT_CAPS if c not in self.caps]
+        add = [f"--cap-add {cap_name(c)}" for c in self.caps if c not in CTR_DEFAULT_CAPS]
+        return " ".join(drop + add)
+
     def systemd(self) -> str:
         names = " ".join(cap_name(c) for c in self.caps)
         return f"CapabilityBoundingSet={names}\nAmbientCapabilities={names}\n"
@@ -73,6 +85,7 @@ class Advice:
             "ignored": {cap_name(c): v for c, v in sorted(self.ignored.items())},
             "kubernetes": self.kubernetes(),
             "docker": self.docker(),
+            "ctr": self.ctr(),
             "systemd": self.systemd(),
             "dangerous": [cap_name(c) for c in self.caps if c in DANGEROUS],
         }
@@ -92,6 +105,7 @@ class Advice:
         out.append("kubernetes:")
         out += ["  " + line for line in self.kubernetes().splitlines()]
         out.append(f"docker/podman: {self.docker()}")
+        out.append(f"ctr: {self.ctr()}")
         out.append("systemd:")
         out += ["  " + line for line in self.systemd().splitlines()]
         danger = [cap_name(c) for c in self.caps if c in DANGEROUS]

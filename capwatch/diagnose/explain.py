@@ -98,8 +98,11 @@ def _container_fixes(kind: str, short: str, f: DenialFacts) -> list[dict[str, st
         "docker": [{"context": "docker", "fix": f"docker run --cap-add={short} ..."}],
         "podman": [{"context": "podman", "fix": f"podman run --cap-add={short} ..."}],
         "kubernetes": [{"context": "kubernetes", "fix": k8s}],
+        # ctr takes only the CAP_-prefixed name ("capabilities must be specified
+        # with 'CAP_' prefix"); checked against ctr 1.6 in tests/kernel/test_runtimes.py
         "containerd": [
-            {"context": "kubernetes", "fix": k8s},
+            *([{"context": "kubernetes", "fix": k8s}] if f.namespace == "k8s.io" else []),
+            {"context": "ctr", "fix": f"ctr run --cap-add {cap_name(f.cap)} ..."},
             {"context": "nerdctl", "fix": f"nerdctl run --cap-add={short} ..."},
         ],
         "crio": [{"context": "kubernetes", "fix": k8s}],

@@ -10,7 +10,13 @@ TESTS = Path(__file__).resolve().parents[1]
 
 #: The shared helper modules; everything else under tests/ is a test module.
 HELPERS = frozenset(
-    {"tests.helpers", "tests.kernel.tracing", "tests.kernel.podman", "tests.kernel.workloads"}
+    {
+        "tests.helpers",
+        "tests.kernel.tracing",
+        "tests.kernel.podman",
+        "tests.kernel.workloads",
+        "tests.kernel.runtimes",
+    }
 )
 
 

@@ -149,6 +149,24 @@ class TestNotePid:
             a.close()
 
 
+    def test_a_gone_process_does_not_silence_a_live_one(self, tmp_path: Path) -> None:
+        """The first process of a new cgroup (runc, gone at once) cannot tell its path;
+        a later, living process of the same cgroup still can."""
+        root = tmp_path / "cgroup"
+        root.mkdir()
+        proc = tmp_path / "proc"
+        (proc / "43").mkdir(parents=True)
+        (proc / "43" / "cgroup").write_text(f"0::{PODMAN_PATH}\n")
+        a = Attributor(cgroup_root=str(root), proc_root=str(proc), names=False, background=False)
+        try:
+            a.note_pid(777, 42)  # no /proc/42: gone
+            assert a.resolve(777).cgroup_path is None
+            a.note_pid(777, 43)
+            assert PODMAN_PATH == a.resolve(777).cgroup_path
+        finally:
+            a.close()
+
+
 def test_hold_gives_up_on_a_workload_that_never_settles() -> None:
     """After one event of a cgroup waited the full hold, later events of it pass at once."""
     now = [0.0]

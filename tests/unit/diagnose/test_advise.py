@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from capwatch.diagnose.advise import Observation, advise
+from capwatch.decode.caps import cap_name
+from capwatch.diagnose.advise import CTR_DEFAULT_CAPS, Observation, advise
 
 
 class TestAdvise:
@@ -20,6 +21,22 @@ class TestAdvise:
         assert ["allowed in bind (nc) x1"] == a.grant[10]
         assert '    add: ["CHOWN", "NET_BIND_SERVICE"]\n' in a.kubernetes()
         assert "--cap-drop=ALL --cap-add=CHOWN --cap-add=NET_BIND_SERVICE" == a.docker()
+
+    def test_ctr_flags(self) -> None:
+        """ctr has no "drop ALL": every default ctr grants that is not proposed is dropped
+        by its CAP_ name, and what is proposed beyond the defaults is added."""
+        a = advise(
+            [Observation(0, False, "fchownat", "chown"), Observation(25, False, "x", "date")],
+            duration_s=5,
+            target="t",
+        )
+        flags = a.ctr().split()
+        drops = {flags[i + 1] for i, f in enumerate(flags) if f == "--cap-drop"}
+        adds = {flags[i + 1] for i, f in enumerate(flags) if f == "--cap-add"}
+        granted = ({cap_name(c) for c in CTR_DEFAULT_CAPS} - drops) | adds
+        assert ({"CAP_CHOWN", "CAP_SYS_TIME"}, {"CAP_SYS_TIME"}) == (granted, adds)
+        assert a.ctr() == a.to_dict()["ctr"]
+        assert f"ctr: {a.ctr()}" in a.render()
 
     def test_probes_and_runtime_are_not_proposed(self) -> None:
         """Denied probes, known-probe rules, uncertain outcomes and runtime setup never make the list."""

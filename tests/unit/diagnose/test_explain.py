@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from dataclasses import replace
 
 import pytest
 
@@ -110,6 +111,28 @@ class TestExplain:
         assert ("cause", "EPERM", "bounding") == (ex.role, ex.outcome, ex.missing_from)
         assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == ex.fixes
         assert ex.warning is None
+
+    def test_containerd_fix_in_ctr_words(self) -> None:
+        """A container run by containerd itself: ctr's flag takes the CAP_ name (ctr refuses
+        SYS_TIME: tests/kernel/test_runtimes.py), nerdctl's the short one; Kubernetes'
+        securityContext only in containerd's k8s.io namespace."""
+        facts = DenialFacts(
+            cap=25,
+            syscall="clock_settime",
+            comm="date",
+            pid=42,
+            ret=-1,
+            status=status(bnd=SEED),
+            kind="containerd",
+            container="t7",
+            namespace="cwtest",
+        )
+        assert [
+            {"context": "ctr", "fix": "ctr run --cap-add CAP_SYS_TIME ..."},
+            {"context": "nerdctl", "fix": "nerdctl run --cap-add=SYS_TIME ..."},
+        ] == explain(facts).fixes
+        k8s = explain(replace(facts, namespace="k8s.io")).fixes
+        assert ["kubernetes", "ctr", "nerdctl"] == [f["context"] for f in k8s]
 
     def test_kubernetes_fix_names_the_pod(self) -> None:
         """In a pod the fix is a securityContext naming the container and pod."""
