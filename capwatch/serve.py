@@ -110,7 +110,9 @@ class DenialPipeline:
         expected = rule is not None
         if not expected and j.role == "probe":
             expected, rule_name = True, f"outcome:{j.outcome}"
-        self.state.count_denial(ev.cgroup_id, ev.cap, expected=expected, n=1 + ev.suppressed)
+        # n=1: held-back denials are counted by the kernel by their own syscall
+        # (capwatch/held.py), never with this event's class.
+        self.state.count_denial(ev.cgroup_id, ev.cap, expected=expected)
         self.log.record(
             Denial(
                 time=self.clock.wall(ev.ts_ns).timestamp(),
@@ -173,7 +175,10 @@ def run_serve(args: Any, out: TextIO) -> int:
     holder: dict[str, Any] = {}
 
     def health() -> tuple[bool, str]:
-        return health_of(holder.get("session"))
+        ok, why = health_of(holder.get("session"))
+        if ok and collector:
+            return collector[0].state.healthy()  # kernel map reads failing
+        return ok, why
 
     collector: list[CapwatchCollector] = []
 
@@ -229,6 +234,8 @@ def run_serve(args: Any, out: TextIO) -> int:
             series_ttl=args.series_ttl,
             health=lambda: (sess.running, sess.consumer_lag_s(), sess.decode_errors()),
             k8s=watcher is not None,
+            policy=policy,
+            held=session.program,
         )
         collector.append(CapwatchCollector(state))
         denylog = DenialLog(out, interval=args.log_interval)
