@@ -13,7 +13,7 @@
  *   CW_FILTER_PID, CW_FILTER_CAP, CW_FILTER_CGROUP   restrict what is sent
  *                      (never what is counted)
  *   CW_DENIAL_PAGES, CW_CHECK_PAGES  ring sizes in pages (powers of two)
- *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(cgroup, cap, syscall) denial rate limit
+ *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(cgroup, tgid, cap, syscall) denial rate limit
  *   CW_CG_BURST        per-cgroup denial budget (same window)
  *   CW_COUNT_ENTRIES, CW_HELD_ENTRIES   sizes of the count and held maps
  *
@@ -89,9 +89,10 @@ BPF_PERCPU_ARRAY(stats, u64, CW_STAT_NR);
 BPF_ARRAY(initns, u64, 1);
 
 /* Two limits in front of the denial ring, on the denial path only:
- * - per (cgroup, cap, syscall), CW_RL_BURST a window: a flood of one kind of
- *   denial (an "expected" probe) never holds back another kind (a real
- *   mount or setns refusal), which is sent on its own budget;
+ * - per (cgroup, tgid, cap, syscall), CW_RL_BURST a window: a flood of one
+ *   kind of denial (an "expected" probe) never holds back another kind (a
+ *   real mount or setns refusal), nor another process's denials of the same
+ *   kind, which are sent on their own budget;
  * - per cgroup, CW_CG_BURST a window: many processes in one cgroup flooding
  *   many kinds cannot fill the ring and cost another cgroup its denials.
  * A denial held back is not lost: it is counted in the held map by
@@ -99,8 +100,10 @@ BPF_ARRAY(initns, u64, 1);
  * of a limiter entry only restarts that limiter's window. */
 struct cw_rl_key {
 	u64 cgroup_id;
+	u32 pid;
 	s32 cap;
 	s32 syscall_nr;
+	u32 pad;
 };
 struct cw_rl_val {
 	u64 window_start;
@@ -330,7 +333,8 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 	s32 nr = current_syscall();
 	u32 suppressed = 0;
 	if (denied) {
-		struct cw_rl_key rk = {.cgroup_id = key.cgroup_id, .cap = cap, .syscall_nr = nr};
+		struct cw_rl_key rk = {
+		    .cgroup_id = key.cgroup_id, .pid = tgid, .cap = cap, .syscall_nr = nr, .pad = 0};
 		u64 now = bpf_ktime_get_ns();
 		struct cw_rl_val *rv = ratelimit.lookup(&rk);
 		if (!rv) {

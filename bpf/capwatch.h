@@ -28,7 +28,7 @@ struct cw_event {
 	__s32 syscall_nr; /* syscall the task is in, -1 if unknown */
 	__s32 ret;	  /* cap_capable's return: 0 or -EPERM */
 	__u32 flags;	  /* CW_F_* */
-	/* Denials of this (cgroup, cap, syscall) held back since the last one sent:
+	/* Denials of this (cgroup, pid, cap, syscall) held back since the last one sent:
 	 * informational (the log's "+N"); the exact count of held denials, by
 	 * syscall, is the held map (struct cw_held_key), never this field. */
 	__u32 suppressed;

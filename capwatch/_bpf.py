@@ -70,7 +70,7 @@ class ProgramConfig:
     filter_cgroup: int | None = None
     denial_pages: int = 256  # 1 MiB: 14,500 denials
     check_pages: int = 4096  # 16 MiB: 233,000 checks
-    rl_burst: int = 200  # denials per (cgroup, cap, syscall) per window, then held (counted)
+    rl_burst: int = 200  # denials per (cgroup, pid, cap, syscall) per window, then held (counted)
     rl_window_ns: int = 1_000_000_000
     cg_burst: int = 1000  # denials per cgroup per window, then held (counted)
     count_entries: int = 65536
