@@ -333,8 +333,11 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 	s32 nr = current_syscall();
 	u32 suppressed = 0;
 	if (denied) {
-		struct cw_rl_key rk = {
-		    .cgroup_id = key.cgroup_id, .pid = tgid, .cap = cap, .syscall_nr = nr, .pad = 0};
+		struct cw_rl_key rk = {.cgroup_id = key.cgroup_id,
+				       .pid = tgid,
+				       .cap = cap,
+				       .syscall_nr = nr,
+				       .pad = 0};
 		u64 now = bpf_ktime_get_ns();
 		struct cw_rl_val *rv = ratelimit.lookup(&rk);
 		if (!rv) {

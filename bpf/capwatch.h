@@ -72,10 +72,10 @@ struct cw_cache {
 #define CW_STAT_COUNT_FAIL 3	/* count map full: a check could not be counted */
 #define CW_STAT_SELF 4		/* capwatch's own checks on the streaming path (not sent) */
 #define CW_STAT_LOST_OUTCOMES 5 /* denial ring full when a syscall's outcome was to be sent */
-#define CW_STAT_COUNT_NEW 6	/* entries created in the count map (evictions = new - live - deleted) */
-#define CW_STAT_HELD_NEW 7	/* entries created in the held map */
-#define CW_STAT_HELD_FAIL 8	/* a held denial the held map could not count */
-#define CW_STAT_BUDGET 9	/* of SUPPRESSED: held back by the per-cgroup budget */
+#define CW_STAT_COUNT_NEW 6 /* entries made in the count map (evicted = made - live - deleted) */
+#define CW_STAT_HELD_NEW 7  /* entries made in the held map */
+#define CW_STAT_HELD_FAIL 8 /* a held denial the held map could not count */
+#define CW_STAT_BUDGET 9    /* of SUPPRESSED: held back by the per-cgroup budget */
 #define CW_STAT_NR 16
 
 #endif
