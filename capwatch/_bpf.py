@@ -283,8 +283,19 @@ class LoadedProgram:
         return sorted(out)
 
     def read_counts(self) -> dict[tuple[int, int, bool], int]:
-        """Exact counts by (cgroup id, capability, denied), summed over CPUs:
-        the count map plus each CPU's cache of its last cgroup (see the
+        """Exact counts by (cgroup id, capability, denied): :meth:`read_counts_split`'s
+        two parts added."""
+        hashed, cached = self.read_counts_split()
+        for key, n in cached.items():
+            hashed[key] = hashed.get(key, 0) + n
+        return hashed
+
+    def read_counts_split(
+        self,
+    ) -> tuple[dict[tuple[int, int, bool], int], dict[tuple[int, int, bool], int]]:
+        """Exact counts by (cgroup id, capability, denied), summed over CPUs, in
+        two parts: the count map's (whose entries the LRU may evict), and each
+        CPU's cache of its last cgroup (never evicted) (see the
         comment on count_cache in bpf/capwatch.bpf.c for why this is exact).
 
         Each CPU's slot of the map changes only when that CPU flushes its
@@ -328,6 +339,7 @@ class LoadedProgram:
         # us were evicted; new_before was read first, so this is a lower bound.
         self._evicted = max(self._evicted, new_before - len(keys) - self._deleted)
         out: dict[tuple[int, int, bool], int] = {}
+        in_caches: dict[tuple[int, int, bool], int] = {}
         for keys, column, cg, cached in taken.values():
             for key, n in zip(keys, column, strict=True):
                 if n:
@@ -335,8 +347,8 @@ class LoadedProgram:
             for i, n in enumerate(cached):
                 if n:
                     key = (cg, i >> 1, bool(i & 1))
-                    out[key] = out.get(key, 0) + n
-        return out
+                    in_caches[key] = in_caches.get(key, 0) + n
+        return out, in_caches
 
     def _read_hash_columns(self) -> tuple[list[tuple[int, int, bool]], list[list[int]]]:
         """The count map's keys, and each CPU's values for them (one list per CPU)."""

@@ -156,6 +156,7 @@ class ExporterState:
             max_series, lambda k: (k[0], "", "", OVERFLOW, ""), lambda k: bool(k[2])
         )
         self._counts_tally: Tally[CountKey] = Tally()
+        self._counts_floor: dict[CountKey, int] = {}
         self._held_tally: Tally[HeldKey] = Tally()
         self._unclassified: dict[UnclassifiedKey, int] = {}
         self._retired_unclassified: Counter[UnclassifiedKey] = Counter()
@@ -196,16 +197,33 @@ class ExporterState:
     # -- scrape time ----------------------------------------------------------
 
     def _read_counts(self) -> dict[CountKey, int]:
-        """The count map's totals (never decreasing); a failed read is recorded."""
+        """The count map's totals (never decreasing); a failed read is recorded.
+
+        With a source that reads the map and the per-CPU caches apart
+        (read_counts_split), only the map's part goes through the tally: the
+        LRU evicts map entries, never a cache, so an eviction is exact."""
+        split = getattr(self.source, "read_counts_split", None)
         try:
-            raw = self.source.read_counts()
+            if split is not None:
+                raw, cached = split()
+            else:
+                raw, cached = self.source.read_counts(), {}
         except (OSError, CapwatchError) as exc:
             self.read_errors += 1
             self.read_error = " ".join(str(exc).split()) or type(exc).__name__
             raise
         self.read_error = None
         consistent = bool(getattr(self.source, "last_read_consistent", True))
-        return self._counts_tally.update(raw, consistent=consistent)
+        totals = self._counts_tally.update(raw, consistent=consistent)
+        for key, n in cached.items():
+            totals[key] = totals.get(key, 0) + n
+        # A partial read leaves some caches out (short, never long): never let a
+        # series go below what an earlier scrape published.
+        for key, n in self._counts_floor.items():
+            if totals.get(key, 0) < n:
+                totals[key] = n
+        self._counts_floor = dict(totals)
+        return totals
 
     def _read_held(self) -> dict[HeldKey, int]:
         if self.held is None:
@@ -246,6 +264,8 @@ class ExporterState:
         dead_keys = [k for k in counts if k[0] in dead]
         self.source.delete_counts(dead_keys)
         self._counts_tally.forget(dead_keys)
+        for key in dead_keys:
+            self._counts_floor.pop(key, None)
         if self.held is not None:
             held = self._read_held()
             dead_held = [k for k in held if k[0] in dead]

@@ -321,3 +321,47 @@ class TestHealth:
         with pytest.raises(CapwatchError):
             scrape(st)
         assert not st.healthy()[0]
+
+
+class SplitSource(Source):
+    """The kernel reader's shape: the LRU map's counts and the per-CPU caches' apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cached: dict[tuple[int, int, bool], int] = {}
+
+    def read_counts_split(
+        self,
+    ) -> tuple[dict[tuple[int, int, bool], int], dict[tuple[int, int, bool], int]]:
+        return dict(self.counts), dict(self.cached)
+
+
+def checks_of(m: dict[str, float]) -> float:
+    return m[
+        'capwatch_checks_total{capability="CAP_SETUID",container="s5.service",namespace="",'
+        'pod="",runtime="systemd",verdict="allowed"}'
+    ]
+
+
+class TestEvictionAndPartialReads:
+    def test_eviction_of_a_map_entry_keeps_the_cache_part_once(self) -> None:
+        """Map 100 + CPU cache 5; the map entry is evicted while the cache grows to 8: 108,
+        not 113 (the cache is never evicted, so it is not carried into the base)."""
+        src = SplitSource()
+        src.counts, src.cached = {(5, 7, False): 100}, {(5, 7, False): 5}
+        st = state(src)
+        assert 105 == checks_of(scrape(st))
+        src.counts, src.cached = {}, {(5, 7, False): 8}
+        assert 108 == checks_of(scrape(st))
+
+    def test_partial_read_never_lowers_a_series(self) -> None:
+        """A read marked partial leaves a CPU cache out: the series stays at 150, then
+        follows the next exact read."""
+        src = SplitSource()
+        src.counts, src.cached = {(5, 7, False): 100}, {(5, 7, False): 50}
+        st = state(src)
+        assert 150 == checks_of(scrape(st))
+        src.cached, src.last_read_consistent = {}, False
+        assert 150 == checks_of(scrape(st))
+        src.counts, src.last_read_consistent = {(5, 7, False): 160}, True
+        assert 160 == checks_of(scrape(st))
