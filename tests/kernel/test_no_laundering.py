@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench._harness import Serve
+from bench._harness import Serve, compile_c
 from capwatch._bpf import ProgramConfig, load
 from capwatch._ringbuf import RingReader
 from tests.conftest import require_root, require_tool
@@ -55,41 +55,6 @@ while time.monotonic() - t0 < seconds:
         mounts += 1
         next_mount += every
 print(json.dumps({"mmaps": maps, "mounts": mounts}), flush=True)
-"""
-
-# A denial flooder in C: many (capability, syscall) kinds, denied for a non-root user.
-_FLOODER = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/resource.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <time.h>
-#include <unistd.h>
-int main(int argc, char **argv)
-{
-	double seconds = atof(argv[1]);
-	struct timespec t0, t;
-	unsigned long n = 0;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	for (;;) {
-		for (int i = 0; i < 100; i++) {
-			n += syscall(SYS_settimeofday, NULL, NULL) != 0;   /* CAP_SYS_TIME */
-			n += setuid(0) != 0;                               /* CAP_SETUID */
-			n += setgid(0) != 0;                               /* CAP_SETGID */
-			n += sethostname("x", 1) != 0;                     /* CAP_SYS_ADMIN */
-			n += chroot("/") != 0;                             /* CAP_SYS_CHROOT */
-			n += setpriority(PRIO_PROCESS, 0, -5) != 0;        /* CAP_SYS_NICE */
-			n += acct(NULL) != 0;                              /* CAP_SYS_PACCT */
-			n += mknod("/tmp/capwatch-flood-mknod", S_IFCHR, 259) != 0; /* CAP_MKNOD (dev 0 would be a whiteout, allowed) */
-		}
-		clock_gettime(CLOCK_MONOTONIC, &t);
-		if ((t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) / 1e9 >= seconds)
-			break;
-	}
-	printf("%lu\n", n);
-	return 0;
-}
 """
 
 # Two processes on one CPU taking turns through pipes: one allowed CAP_SETUID check a turn.
@@ -222,14 +187,8 @@ class TestNoBlinding:
         victim denials are in the ring, and every flooder denial is either in the ring or in the
         held map: delivered + held == the count map's denied total, exactly."""
         require_tool("capsh")
-        cc = shutil.which("cc")
-        if cc is None:
-            pytest.skip("no C compiler")
-        work = Path(tempfile.mkdtemp(prefix="capwatch-flooder-"))  # nobody must reach it
-        work.chmod(0o755)
-        exe = work / "flooder"
-        (work / "flooder.c").write_text(_FLOODER)
-        subprocess.run([cc, "-O2", "-o", str(exe), str(work / "flooder.c")], check=True)
+        exe = Path(compile_c("denyflood"))  # bench/denyflood.c: 8 kinds of denial
+        exe.parent.chmod(0o755)  # the flooders run as nobody
         attacker, victim_cg = TempCgroup(), TempCgroup()
         floods: list[subprocess.Popen[str]] = []
         try:
@@ -265,7 +224,7 @@ class TestNoBlinding:
                 p.wait()
             attacker.remove()
             victim_cg.remove()
-            shutil.rmtree(work)
+            shutil.rmtree(exe.parent)
         mine = batch[(batch["pid"] == victim.pid) & (batch["cap"] == CAP_SYS_TIME)]
         assert 3 == len(mine)
         theirs = int(np.count_nonzero(batch["cgroup_id"] == attacker.id))
