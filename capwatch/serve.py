@@ -177,7 +177,9 @@ def run_serve(args: Any, out: TextIO) -> int:
     def health() -> tuple[bool, str]:
         ok, why = health_of(holder.get("session"))
         if ok and collector:
-            return collector[0].state.healthy()  # kernel map reads failing
+            maps_ok, maps_why = collector[0].state.healthy()  # kernel map reads failing
+            if not maps_ok:
+                return False, maps_why
         return ok, why
 
     collector: list[CapwatchCollector] = []
