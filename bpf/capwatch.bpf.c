@@ -13,8 +13,9 @@
  *   CW_FILTER_PID, CW_FILTER_CAP, CW_FILTER_CGROUP   restrict what is sent
  *                      (never what is counted)
  *   CW_DENIAL_PAGES, CW_CHECK_PAGES  ring sizes in pages (powers of two)
- *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(pid, cap) denial rate limit
- *   CW_COUNT_ENTRIES   size of the count map
+ *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(cgroup, tgid, cap, syscall) denial rate limit
+ *   CW_CG_BURST        per-cgroup denial budget (same window)
+ *   CW_COUNT_ENTRIES, CW_HELD_ENTRIES   sizes of the count and held maps
  *
  * It reads no kernel struct: only helpers, hook arguments and pt_regs, so a
  * header tree from another kernel version compiles it correctly.
@@ -46,8 +47,14 @@ struct task_struct;
 #ifndef CW_RL_WINDOW_NS
 #define CW_RL_WINDOW_NS 1000000000ULL
 #endif
+#ifndef CW_CG_BURST
+#define CW_CG_BURST 1000
+#endif
 #ifndef CW_COUNT_ENTRIES
 #define CW_COUNT_ENTRIES 65536
+#endif
+#ifndef CW_HELD_ENTRIES
+#define CW_HELD_ENTRIES 16384
 #endif
 /* Force a consumer wake-up once per this many records on the checks ring;
  * between them records are submitted with BPF_RB_NO_WAKEUP so that batches
@@ -65,19 +72,38 @@ BPF_PERCPU_ARRAY(wake, u64, 1);
 #endif
 
 /* Exact counts by (cgroup, capability, verdict). Per-CPU values: no atomic
- * instruction on the hot path; user space sums the CPUs when it reads. */
-BPF_PERCPU_HASH(counts, struct cw_count_key, u64, CW_COUNT_ENTRIES);
+ * instruction on the hot path; user space sums the CPUs when it reads.
+ * LRU, so that no tenant can take the map over: when it is full, an insert
+ * evicts the least recently used entry (a dead or idle cgroup's: a live
+ * workload touches its entries at every flush), where a plain hash would
+ * refuse every later workload. User space keeps what it last read of an
+ * evicted entry (capwatch/tally.py) and counts evictions exactly from
+ * CW_STAT_COUNT_NEW. */
+BPF_TABLE("lru_percpu_hash", struct cw_count_key, u64, counts, CW_COUNT_ENTRIES);
+/* Denials not sent (struct cw_held_key, capwatch.h), LRU for the same reason. */
+BPF_TABLE("lru_percpu_hash", struct cw_held_key, u64, held, CW_HELD_ENTRIES);
 BPF_PERCPU_ARRAY(stats, u64, CW_STAT_NR);
 
 /* The initial user namespace's address, learnt from capwatch's own checks
  * (its capable() calls name &init_user_ns): never leaves the kernel. */
 BPF_ARRAY(initns, u64, 1);
 
-/* Per-(tgid, cap) denial rate limit: one process denied in a loop cannot
- * fill the denial ring and hide another process's denials. */
+/* Two limits in front of the denial ring, on the denial path only:
+ * - per (cgroup, tgid, cap, syscall), CW_RL_BURST a window: a flood of one
+ *   kind of denial (an "expected" probe) never holds back another kind (a
+ *   real mount or setns refusal), nor another process's denials of the same
+ *   kind, which are sent on their own budget;
+ * - per cgroup, CW_CG_BURST a window: many processes in one cgroup flooding
+ *   many kinds cannot fill the ring and cost another cgroup its denials.
+ * A denial held back is not lost: it is counted in the held map by
+ * (cgroup, cap, syscall) and classified there by user space. An LRU eviction
+ * of a limiter entry only restarts that limiter's window. */
 struct cw_rl_key {
+	u64 cgroup_id;
 	u32 pid;
 	s32 cap;
+	s32 syscall_nr;
+	u32 pad;
 };
 struct cw_rl_val {
 	u64 window_start;
@@ -85,6 +111,11 @@ struct cw_rl_val {
 	u64 suppressed; /* 64-bit: BPF atomics on 32-bit words need newer LLVM */
 };
 BPF_TABLE("lru_hash", struct cw_rl_key, struct cw_rl_val, ratelimit, 10240);
+struct cw_budget {
+	u64 window_start;
+	u64 sent;
+};
+BPF_TABLE("lru_hash", u64, struct cw_budget, cg_budget, 4096);
 
 #ifdef CW_OUTCOME
 /* Outcome mode: denials made inside a syscall are remembered per thread; on
@@ -148,13 +179,57 @@ static __always_inline void count_add(struct cw_count_key *k, u64 n)
 		*v += n;
 		return;
 	}
-	if (counts.insert(k, &n) != 0) {
-		v = counts.lookup(k);
-		if (v)
-			*v += n;
-		else
-			stat_inc(CW_STAT_COUNT_FAIL);
+	if (counts.insert(k, &n) == 0) {
+		stat_inc(CW_STAT_COUNT_NEW);
+		return;
 	}
+	v = counts.lookup(k);
+	if (v)
+		*v += n;
+	else
+		stat_inc(CW_STAT_COUNT_FAIL);
+}
+
+/* A denial not sent: counted by (cgroup, cap, syscall). Denial path only. */
+static __always_inline void hold(u64 cg, s32 cap, s32 nr)
+{
+	struct cw_held_key hk = {.cgroup_id = cg, .cap = cap, .syscall_nr = nr};
+	u64 *v = held.lookup(&hk);
+	if (v) {
+		(*v)++;
+		return;
+	}
+	u64 one = 1;
+	if (held.insert(&hk, &one) == 0) {
+		stat_inc(CW_STAT_HELD_NEW);
+		return;
+	}
+	v = held.lookup(&hk);
+	if (v)
+		(*v)++;
+	else
+		stat_inc(CW_STAT_HELD_FAIL);
+}
+
+/* The cgroup's budget for this window: 1 while it has room. */
+static __always_inline int budget_take(u64 cg, u64 now)
+{
+	struct cw_budget *b = cg_budget.lookup(&cg);
+	if (!b) {
+		struct cw_budget nb = {.window_start = now};
+		cg_budget.update(&cg, &nb);
+		b = cg_budget.lookup(&cg);
+		if (!b)
+			return 1;
+	}
+	if (now - b->window_start > CW_RL_WINDOW_NS) {
+		b->window_start = now;
+		b->sent = 0;
+	}
+	if (b->sent >= CW_CG_BURST)
+		return 0;
+	b->sent++;
+	return 1;
 }
 
 static __always_inline u64 count_check(s32 cap, u32 denied)
@@ -251,10 +326,18 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 		return 0;
 #endif
 
+#if !defined(CW_EMIT_ALL) && !defined(CW_UNIQUE)
+	if (!denied)
+		return 0;
+#endif
+	s32 nr = current_syscall();
 	u32 suppressed = 0;
 	if (denied) {
-		/* Rate limit per (tgid, cap): CW_RL_BURST denials a window. */
-		struct cw_rl_key rk = {.pid = tgid, .cap = cap};
+		struct cw_rl_key rk = {.cgroup_id = key.cgroup_id,
+				       .pid = tgid,
+				       .cap = cap,
+				       .syscall_nr = nr,
+				       .pad = 0};
 		u64 now = bpf_ktime_get_ns();
 		struct cw_rl_val *rv = ratelimit.lookup(&rk);
 		if (!rv) {
@@ -270,19 +353,24 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 			if (rv->sent >= CW_RL_BURST) {
 				__sync_fetch_and_add(&rv->suppressed, 1);
 				stat_inc(CW_STAT_SUPPRESSED);
+				hold(key.cgroup_id, cap, nr);
 				return 0;
 			}
+		}
+		if (!budget_take(key.cgroup_id, now)) {
+			if (rv)
+				__sync_fetch_and_add(&rv->suppressed, 1);
+			stat_inc(CW_STAT_SUPPRESSED);
+			stat_inc(CW_STAT_BUDGET);
+			hold(key.cgroup_id, cap, nr);
+			return 0;
+		}
+		if (rv) {
 			rv->sent++;
 			suppressed = (u32)__sync_lock_test_and_set(&rv->suppressed, 0);
 		}
 	}
-#if !defined(CW_EMIT_ALL) && !defined(CW_UNIQUE)
-	else {
-		return 0;
-	}
-#endif
 
-	s32 nr = current_syscall();
 	char comm[CW_COMM_LEN] = {};
 	bpf_get_current_comm(&comm, sizeof(comm));
 
@@ -314,6 +402,7 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 		e = denials.ringbuf_reserve(sizeof(*e));
 		if (!e) {
 			stat_inc(CW_STAT_LOST_DENIALS);
+			hold(key.cgroup_id, cap, nr);
 			return 0;
 		}
 	}

@@ -28,7 +28,10 @@ struct cw_event {
 	__s32 syscall_nr; /* syscall the task is in, -1 if unknown */
 	__s32 ret;	  /* cap_capable's return: 0 or -EPERM */
 	__u32 flags;	  /* CW_F_* */
-	__u32 suppressed; /* denials of this (pid, cap) rate-limited since the last one sent */
+	/* Denials of this (cgroup, pid, cap, syscall) held back since the last one sent:
+	 * informational (the log's "+N"); the exact count of held denials, by
+	 * syscall, is the held map (struct cw_held_key), never this field. */
+	__u32 suppressed;
 	char comm[CW_COMM_LEN];
 };
 
@@ -37,6 +40,16 @@ struct cw_count_key {
 	__u64 cgroup_id;
 	__s32 cap;
 	__u32 denied;
+};
+
+/* Key of the held map: denials not sent to the ring (held back by a rate
+ * limit or the per-cgroup budget, or the ring was full), counted exactly by
+ * (cgroup, cap, syscall) so that user space classifies each with its own
+ * syscall (capwatch/held.py). */
+struct cw_held_key {
+	__u64 cgroup_id;
+	__s32 cap;
+	__s32 syscall_nr;
 };
 
 /* The per-CPU count cache in front of the count map (see capwatch.bpf.c).
@@ -58,10 +71,14 @@ struct cw_cache {
 /* Indexes of the per-CPU stats array. */
 #define CW_STAT_LOST_DENIALS 0	/* denial ring full: reserve failed */
 #define CW_STAT_LOST_CHECKS 1	/* checks ring full (--all/--unique): reserve failed */
-#define CW_STAT_SUPPRESSED 2	/* denials held back by the per-(pid, cap) rate limit */
+#define CW_STAT_SUPPRESSED 2	/* denials held back by a rate limit or the cgroup budget */
 #define CW_STAT_COUNT_FAIL 3	/* count map full: a check could not be counted */
 #define CW_STAT_OWN_CHECKS 4	/* capwatch's own checks on the streaming path (not sent) */
 #define CW_STAT_LOST_OUTCOMES 5 /* denial ring full when a syscall's outcome was to be sent */
-#define CW_STAT_NR 8
+#define CW_STAT_COUNT_NEW 6 /* entries made in the count map (evicted = made - live - deleted) */
+#define CW_STAT_HELD_NEW 7  /* entries made in the held map */
+#define CW_STAT_HELD_FAIL 8 /* a held denial the held map could not count */
+#define CW_STAT_BUDGET 9    /* of SUPPRESSED: held back by the per-cgroup budget */
+#define CW_STAT_NR 16
 
 #endif

@@ -110,6 +110,14 @@ CONTRACT_METRICS: dict[str, frozenset[str]] = {
     "capwatch_build_info": frozenset({"version"}),
     "capwatch_ringbuf_consumer_lag_seconds": frozenset(),
     "capwatch_scrape_duration_seconds": frozenset(),
+    "capwatch_checks_uncounted_total": frozenset(),
+    "capwatch_denials_unclassified_total": frozenset(
+        {"capability", "namespace", "pod", "container", "runtime"}
+    ),
+    "capwatch_denials_uncounted_total": frozenset(),
+    "capwatch_map_evictions_total": frozenset({"map"}),
+    "capwatch_count_reads_partial_total": frozenset(),
+    "capwatch_map_read_errors_total": frozenset(),
 }
 
 

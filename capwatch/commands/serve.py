@@ -111,7 +111,12 @@ def run_serve(args: Any, out: TextIO) -> int:
     holder: dict[str, Any] = {}
 
     def health() -> tuple[bool, str]:
-        return health_of(holder.get("session"))
+        ok, why = health_of(holder.get("session"))
+        if ok and collector:
+            maps_ok, maps_why = collector[0].state.healthy()  # kernel map reads failing
+            if not maps_ok:
+                return False, maps_why
+        return ok, why
 
     collector: list[CapwatchCollector] = []
     extra: list[ProfileSink] = []
@@ -179,6 +184,8 @@ def run_serve(args: Any, out: TextIO) -> int:
             series_ttl=args.series_ttl,
             health=lambda: (sess.running, sess.consumer_lag_s(), sess.decode_errors()),
             k8s=watcher is not None,
+            policy=policy,
+            held=session.program,
         )
         collector.append(CapwatchCollector(state))
         sinks: list[Sink] = [

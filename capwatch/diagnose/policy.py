@@ -154,6 +154,35 @@ class Policy:
         self._cache[key] = found
         return found
 
+    def classify_without_comm(
+        self, *, cap: int, syscall: str, container: str, pod: str, namespace: str
+    ) -> Rule | NeedsComm | None:
+        """Classify a denial whose comm is not known (one the kernel counted but
+        did not send: capwatch/held.py). Rules are tried in order as by
+        :meth:`classify`; the first rule that matches on everything but comm
+        decides: its verdict if it has no comm condition, else NEEDS_COMM (the
+        comm could make it match or not, and a later rule may not be used in its
+        place). None: no rule could match whatever the comm (unexpected)."""
+        values = (syscall, "", container, pod, namespace)
+        for c in self._compiled:
+            if c.caps is not None and cap not in c.caps:
+                continue
+            if all(match(values[i]) for i, match in c.fields if i != 1):
+                return c.rule if c.rule.comm is None else NEEDS_COMM
+        return None
+
+
+class NeedsComm:
+    """The verdict of :meth:`Policy.classify_without_comm` when a rule needs comm."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEEDS_COMM"
+
+
+NEEDS_COMM: Final = NeedsComm()
+
 
 # -- parsing: walk the composed node tree, so every error knows its line ------
 

@@ -50,7 +50,13 @@ STAT_NAMES = (
     "count_fail",
     "own_checks",
     "lost_outcomes",
+    "count_new",
+    "held_new",
+    "held_fail",
+    "budget",
 )
+#: How many times read_counts re-reads before it settles for a partial read.
+READ_ATTEMPTS = 100
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
@@ -66,9 +72,11 @@ class ProgramConfig:
     filter_cgroup: int | None = None
     denial_pages: int = 256  # 1 MiB: 14,500 denials
     check_pages: int = 4096  # 16 MiB: 233,000 checks
-    rl_burst: int = 200  # denials per (pid, cap) per window, then suppressed (counted)
+    rl_burst: int = 200  # denials per (cgroup, pid, cap, syscall) per window, then held (counted)
     rl_window_ns: int = 1_000_000_000
+    cg_burst: int = 1000  # denials per cgroup per window, then held (counted)
     count_entries: int = 65536
+    held_entries: int = 16384
     self_pid: int = 0  # 0: this process
     outcome: bool = False  # hook syscall exit to learn each denial's syscall result
 
@@ -108,7 +116,9 @@ def build_cflags(config: ProgramConfig, mode: str, *, no_autoattach: bool = Fals
         f"-DCW_CHECK_PAGES={_pow2(config.check_pages, 'check ring pages')}",
         f"-DCW_RL_BURST={config.rl_burst}",
         f"-DCW_RL_WINDOW_NS={config.rl_window_ns}ULL",
+        f"-DCW_CG_BURST={config.cg_burst}",
         f"-DCW_COUNT_ENTRIES={config.count_entries}",
+        f"-DCW_HELD_ENTRIES={config.held_entries}",
         "-Wno-macro-redefined",
     ]
     if config.emit_all:
@@ -189,6 +199,7 @@ def cache_slot_key(slot: int) -> tuple[int, bool]:
     """(capability, denied) counted in slot ``slot`` of ``struct cw_cache``'s n[]
     (the inverse of capwatch.h's CW_CACHE_SLOT)."""
     return slot >> 1, bool(slot & 1)
+_HELD_KEY = np.dtype([("cgroup_id", "<u8"), ("cap", "<i4"), ("syscall_nr", "<i4")])
 
 
 class _CountBatch:
@@ -196,7 +207,7 @@ class _CountBatch:
     buffers (one syscall per few thousand keys, no ctypes object per key):
     5,000 keys in about 1 ms here, against 10 ms through bcc's items."""
 
-    def __init__(self, fd: int, max_entries: int) -> None:
+    def __init__(self, fd: int, max_entries: int, key: np.dtype[Any] = COUNT_KEY_DTYPE) -> None:
         from bcc.libbcc import lib  # the one door: still this module
         from bcc.utils import get_possible_cpus
 
@@ -204,10 +215,11 @@ class _CountBatch:
         self.fd = fd
         self.max = max_entries
         self.ncpu = len(get_possible_cpus())
-        self.keys = np.zeros(max_entries, dtype=COUNT_KEY_DTYPE)
+        self.keys = np.zeros(max_entries, dtype=key)
         self.values = np.zeros((max_entries, self.ncpu), dtype="<u8")
 
-    def read(self) -> tuple[Any, Any, Any, Any]:
+    def read_raw(self) -> tuple[Any, Any]:
+        """Keys and per-CPU values (copies), for any key layout."""
         import ctypes as ct
         import errno as _errno
 
@@ -235,13 +247,11 @@ class _CountBatch:
             if cnt.value == 0:
                 break
             token_in.value = token_out.value
-        k = self.keys[:total]
-        return (
-            k["cgroup_id"].copy(),
-            k["cap"].copy(),
-            k["denied"].copy(),
-            self.values[:total].copy(),
-        )
+        return self.keys[:total].copy(), self.values[:total].copy()
+
+    def read(self) -> tuple[Any, Any, Any, Any]:
+        k, v = self.read_raw()
+        return k["cgroup_id"], k["cap"], k["denied"], v
 
 
 class LoadedProgram:
@@ -254,6 +264,15 @@ class LoadedProgram:
         self.headers = headers
         self.attempts: tuple[Attempt, ...] = ()  # modes tried before this one worked
         self._batch: _CountBatch | None = None
+        self._held_batch: _CountBatch | None = None
+        #: False when the last read_counts could not get a quiet read of every
+        #: CPU within READ_ATTEMPTS: it then under-counts (never over-counts).
+        self.last_read_consistent = True
+        self.inconsistent_reads = 0
+        self._deleted = 0  # count-map entries deleted by delete_counts
+        self._evicted = 0  # count-map entries the LRU evicted (a lower bound, exact when idle)
+        self._held_evicted = 0
+        self._held_deleted = 0
 
     def rings(self) -> list[RingSpec]:
         names = ["denials"]
@@ -274,21 +293,44 @@ class LoadedProgram:
         return sorted(out)
 
     def read_counts(self) -> dict[tuple[int, int, bool], int]:
-        """Exact counts by (cgroup id, capability, denied), summed over CPUs:
-        the count map plus each CPU's cache of its last cgroup (see the
+        """Exact counts by (cgroup id, capability, denied): :meth:`read_counts_split`'s
+        two parts added."""
+        hashed, cached = self.read_counts_split()
+        for key, n in cached.items():
+            hashed[key] = hashed.get(key, 0) + n
+        return hashed
+
+    def read_counts_split(
+        self,
+    ) -> tuple[dict[tuple[int, int, bool], int], dict[tuple[int, int, bool], int]]:
+        """Exact counts by (cgroup id, capability, denied), summed over CPUs, in
+        two parts: the count map's (whose entries the LRU may evict), and each
+        CPU's cache of its last cgroup (never evicted) (see the
         comment on count_cache in bpf/capwatch.bpf.c for why this is exact).
 
         Each CPU's slot of the map changes only when that CPU flushes its
         cache, so a CPU is taken from the first read during which it did not
         flush (its sequence numbers equal and unchanged around the read); CPUs
         that flushed are read again. On a busy node every CPU needs one quiet
-        read, not all of them the same one."""
+        read, not all of them the same one.
+
+        Bounded: after READ_ATTEMPTS reads, a CPU that never had a quiet one
+        (two processes of different cgroups alternating on it) is taken from
+        the last read's hash column without its cache: counts in its cache, or
+        moving during that read, are left out, so the result can only be
+        short, never double. last_read_consistent then says False and
+        inconsistent_reads counts it; the exporter never lets a series go down
+        (capwatch/tally.py)."""
         import ctypes
 
         cache = self._bpf[b"count_cache"]
         zero = ctypes.c_int(0)
+        stats = self._bpf[b"stats"]
         taken: dict[int, tuple[list[tuple[int, int, bool]], list[int], int, list[int]]] = {}
-        for _ in range(1000):
+        new_before = int(sum(stats[ctypes.c_int(STAT_NAMES.index("count_new"))]))
+        keys: list[tuple[int, int, bool]] = []
+        columns: list[list[int]] = []
+        for _ in range(READ_ATTEMPTS):
             first = [(int(c.seq_head), int(c.seq_tail)) for c in cache[zero]]
             keys, columns = self._read_hash_columns()
             second = cache[zero]
@@ -296,10 +338,18 @@ class LoadedProgram:
                 if cpu not in taken and h == t == int(c.seq_head) == int(c.seq_tail):
                     taken[cpu] = (keys, columns[cpu], int(c.cgroup_id), [int(n) for n in c.n])
             if len(taken) == len(first):
+                self.last_read_consistent = True
                 break
         else:
-            raise CapwatchError("the kernel's count caches kept flushing during 1,000 reads")
+            self.last_read_consistent = False
+            self.inconsistent_reads += 1
+            for cpu, column in enumerate(columns):
+                taken.setdefault(cpu, (keys, column, 0, []))
+        # Entries created before this read that are neither live nor deleted by
+        # us were evicted; new_before was read first, so this is a lower bound.
+        self._evicted = max(self._evicted, new_before - len(keys) - self._deleted)
         out: dict[tuple[int, int, bool], int] = {}
+        in_caches: dict[tuple[int, int, bool], int] = {}
         for keys, column, cg, cached in taken.values():
             for key, n in zip(keys, column, strict=True):
                 if n:
@@ -307,8 +357,8 @@ class LoadedProgram:
             for i, n in enumerate(cached):
                 if n:
                     key = (cg, *cache_slot_key(i))
-                    out[key] = out.get(key, 0) + n
-        return out
+                    in_caches[key] = in_caches.get(key, 0) + n
+        return out, in_caches
 
     def _read_hash_columns(self) -> tuple[list[tuple[int, int, bool]], list[list[int]]]:
         """The count map's keys, and each CPU's values for them (one list per CPU)."""
@@ -331,6 +381,47 @@ class LoadedProgram:
         for cg, cap, denied in keys:
             with contextlib.suppress(KeyError):
                 del table[table.Key(cg, cap, int(denied))]
+                self._deleted += 1
+
+    def delete_held(self, keys: list[tuple[int, int, int]]) -> None:
+        """Forget the held counts of cgroups that are gone."""
+        table = self._bpf[b"held"]
+        for cg, cap, nr in keys:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(cg, cap, nr)]
+                self._held_deleted += 1
+
+    def read_held(self) -> dict[tuple[int, int, int], int]:
+        """Denials the kernel counted but did not send (rate limit, cgroup
+        budget, full ring), by (cgroup id, capability, syscall nr), summed
+        over CPUs. Never-decreasing per entry until the LRU evicts it."""
+        import ctypes
+
+        stats = self._bpf[b"stats"]
+        new_before = int(sum(stats[ctypes.c_int(STAT_NAMES.index("held_new"))]))
+        if self._held_batch is None:
+            table = self._bpf[b"held"]
+            self._held_batch = _CountBatch(int(table.map_fd), int(table.max_entries), _HELD_KEY)
+        try:
+            k, v = self._held_batch.read_raw()
+        except OSError:  # kernels without BPF_MAP_LOOKUP_BATCH (before 5.6)
+            return {
+                (int(hk.cgroup_id), int(hk.cap), int(hk.syscall_nr)): int(sum(hv))
+                for hk, hv in self._bpf[b"held"].items()
+            }
+        self._held_evicted = max(self._held_evicted, new_before - len(k) - self._held_deleted)
+        sums = v.sum(axis=1).tolist()
+        return {
+            (cg, cap, nr): n
+            for cg, cap, nr, n in zip(
+                k["cgroup_id"].tolist(),
+                k["cap"].tolist(),
+                k["syscall_nr"].tolist(),
+                sums,
+                strict=True,
+            )
+            if n
+        }
 
     def reset_unique(self) -> int:
         """Forget which distinct allowed checks were sent (--unique), so each is sent
@@ -352,6 +443,9 @@ class LoadedProgram:
         out = {}
         for i, name in enumerate(STAT_NAMES):
             out[name] = int(sum(table[ctypes.c_int(i)]))
+        out["count_evicted"] = self._evicted
+        out["held_evicted"] = self._held_evicted
+        out["inconsistent_reads"] = self.inconsistent_reads
         return out
 
     def close(self) -> None:

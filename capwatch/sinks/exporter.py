@@ -8,9 +8,16 @@ which the kernel rate-limits).
 
 Cardinality is bounded: labels are capability, verdict and workload
 (namespace, pod, container, runtime), never pid or raw cgroup id; past
-``max_series`` new label sets fold into container="_overflow" and are
-counted. Series of cgroups that are gone and idle for ``series_ttl`` are
-dropped, and their entries deleted from the kernel map.
+``max_series`` (per labelled family) new label sets fold into
+container="_overflow" and are counted, Kubernetes pods first
+(capwatch/admission.py). Series of cgroups that are gone and idle for
+``series_ttl`` are dropped, and their entries deleted from the kernel map.
+
+Denials are counted from two disjoint sources, each with its own syscall:
+those the ring delivered (:meth:`ExporterState.count_denial`, classified
+with their comm), and those the kernel counted but held back
+(capwatch/held.py). The kernel maps are LRU: totals never go down across an
+eviction (capwatch/tally.py), and evictions are published.
 """
 
 from __future__ import annotations
@@ -32,7 +39,12 @@ from capwatch import __version__
 from capwatch.attribution.containers import Workload
 from capwatch.attribution.workloads import identity_of, is_settled
 from capwatch.decode.caps import cap_name
+from capwatch.diagnose.held import UNCLASSIFIED, classify_held
+from capwatch.diagnose.policy import Policy
+from capwatch.errors import CapwatchError
 from capwatch.pipeline import Check
+from capwatch.sinks.admission import Admission
+from capwatch.sinks.tally import Tally
 from capwatch.text import visible
 
 __all__ = ["METRIC_NAMES", "CapwatchCollector", "DenialCounter", "ExporterState"]
@@ -46,6 +58,11 @@ METRIC_NAMES = (
     "capwatch_series_folded_total",
     "capwatch_decode_errors_total",
     "capwatch_checks_uncounted_total",
+    "capwatch_denials_unclassified_total",
+    "capwatch_denials_uncounted_total",
+    "capwatch_map_evictions_total",
+    "capwatch_count_reads_partial_total",
+    "capwatch_map_read_errors_total",
     "capwatch_attached",
     "capwatch_attach_info",
     "capwatch_build_info",
@@ -61,6 +78,10 @@ CountKey = tuple[int, int, bool]
 LabelKey = tuple[
     str, str, str, str, str, str
 ]  # capability, verdict, namespace, pod, container, runtime
+DenialKey = tuple[
+    str, str, str, str, str, str
+]  # capability, namespace, pod, container, runtime, expected
+UnclassifiedKey = tuple[str, str, str, str, str]  # capability, namespace, pod, container, runtime
 
 
 class CountSource(Protocol):
@@ -69,6 +90,18 @@ class CountSource(Protocol):
     def read_counts(self) -> dict[CountKey, int]: ...
     def read_stats(self) -> dict[str, int]: ...
     def delete_counts(self, keys: list[CountKey]) -> None: ...
+
+
+HeldKey = tuple[int, int, int]  # cgroup id, capability, syscall nr
+
+
+class HeldSource(Protocol):
+    """A source that also counts the denials it did not send (capwatch/_bpf.py)."""
+
+    last_read_consistent: bool
+
+    def read_held(self) -> dict[HeldKey, int]: ...
+    def delete_held(self, keys: list[HeldKey]) -> None: ...
 
 
 @dataclass
@@ -105,6 +138,8 @@ class ExporterState:
         health: Callable[[], tuple[bool, float, int]] | None = None,
         k8s: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        policy: Policy | None = None,
+        held: HeldSource | None = None,
     ) -> None:
         self.source = source
         self.k8s = k8s  # Kubernetes names expected: a pod's labels wait for them
@@ -114,12 +149,28 @@ class ExporterState:
         self.series_ttl = series_ttl
         self.health = health or (lambda: (True, 0.0, 0))  # attached, lag seconds, decode errors
         self.clock = clock
+        self.policy = policy or Policy()
+        self.held = held  # held-back denials: read at scrape time, classified by syscall
         self._lock = threading.Lock()
         self._denials: Counter[tuple[int, int, bool]] = Counter()  # cgroup, cap, expected
         self._cgroups: dict[int, _Cgroup] = {}
-        self._admitted: set[LabelKey] = set()
-        self._folded: set[LabelKey] = set()
-        self.folded_total = 0
+        self._checks_admission: Admission[LabelKey] = Admission(
+            max_series, lambda k: (k[0], k[1], "", "", OVERFLOW, ""), lambda k: bool(k[3])
+        )
+        self._denials_admission: Admission[DenialKey] = Admission(
+            max_series, lambda k: (k[0], "", "", OVERFLOW, "", k[5]), lambda k: bool(k[2])
+        )
+        self._unclassified_admission: Admission[UnclassifiedKey] = Admission(
+            max_series, lambda k: (k[0], "", "", OVERFLOW, ""), lambda k: bool(k[2])
+        )
+        self._counts_tally: Tally[CountKey] = Tally()
+        self._counts_floor: dict[CountKey, int] = {}
+        self._held_tally: Tally[HeldKey] = Tally()
+        self._unclassified: dict[UnclassifiedKey, int] = {}
+        self._retired_unclassified: Counter[UnclassifiedKey] = Counter()
+        #: Failed reads of the kernel maps, and the last one's error while it lasts.
+        self.read_errors = 0
+        self.read_error: str | None = None
         self.last_scrape_s = 0.0
         self._labels: dict[int, tuple[str, str, str, str]] = {}  # settled cgroups only
         self.series_count = 0
@@ -136,7 +187,62 @@ class ExporterState:
         with self._lock:
             self._denials[(cgroup_id, cap, expected)] += n
 
+    @property
+    def folded_total(self) -> int:
+        """Label sets folded into the overflow, all families."""
+        return (
+            self._checks_admission.folded_total
+            + self._denials_admission.folded_total
+            + self._unclassified_admission.folded_total
+        )
+
+    def healthy(self) -> tuple[bool, str]:
+        """For /healthz: false while the kernel maps cannot be read."""
+        if self.read_error is not None:
+            return False, f"kernel map read failed: {self.read_error}"
+        return True, "ok"
+
     # -- scrape time ----------------------------------------------------------
+
+    def _read_counts(self) -> dict[CountKey, int]:
+        """The count map's totals (never decreasing); a failed read is recorded.
+
+        With a source that reads the map and the per-CPU caches apart
+        (read_counts_split), only the map's part goes through the tally: the
+        LRU evicts map entries, never a cache, so an eviction is exact."""
+        split = getattr(self.source, "read_counts_split", None)
+        try:
+            if split is not None:
+                raw, cached = split()
+            else:
+                raw, cached = self.source.read_counts(), {}
+        except (OSError, CapwatchError) as exc:
+            self.read_errors += 1
+            self.read_error = " ".join(str(exc).split()) or type(exc).__name__
+            raise
+        self.read_error = None
+        consistent = bool(getattr(self.source, "last_read_consistent", True))
+        totals = self._counts_tally.update(raw, consistent=consistent)
+        for key, n in cached.items():
+            totals[key] = totals.get(key, 0) + n
+        # A partial read leaves some caches out (short, never long): never let a
+        # series go below what an earlier scrape published.
+        for key, n in self._counts_floor.items():
+            if totals.get(key, 0) < n:
+                totals[key] = n
+        self._counts_floor = dict(totals)
+        return totals
+
+    def _read_held(self) -> dict[HeldKey, int]:
+        if self.held is None:
+            return {}
+        try:
+            raw = self.held.read_held()
+        except (OSError, CapwatchError) as exc:
+            self.read_errors += 1
+            self.read_error = " ".join(str(exc).split()) or type(exc).__name__
+            raise
+        return self._held_tally.update(raw)
 
     def _workload(self, cgroup_id: int, now: float) -> Workload:
         """Sticky per cgroup once settled: a cgroup that dies keeps its labels."""
@@ -157,13 +263,32 @@ class ExporterState:
             gone.append(cg)
         if not gone:
             return
-        counts = self.source.read_counts()
+        counts = self._read_counts()
         dead = set(gone)
         for (cg, cap, denied), n in counts.items():
             if cg in dead:
                 wl = workload_labels(self._cgroups[cg].workload)
                 self._retired[(cap_name(cap), _VERDICT[denied], *wl)] += n
-        self.source.delete_counts([k for k in counts if k[0] in dead])
+        dead_keys = [k for k in counts if k[0] in dead]
+        self.source.delete_counts(dead_keys)
+        self._counts_tally.forget(dead_keys)
+        for key in dead_keys:
+            self._counts_floor.pop(key, None)
+        if self.held is not None:
+            held = self._read_held()
+            dead_held = [k for k in held if k[0] in dead]
+            for (cg, cap, verdict), n in classify_held(
+                {k: held[k] for k in dead_held},
+                lambda cg: workload_labels(self._cgroups[cg].workload),
+                self.policy,
+            ).items():
+                wl = workload_labels(self._cgroups[cg].workload)
+                if verdict == UNCLASSIFIED:
+                    self._retired_unclassified[(cap_name(cap), *wl)] += n
+                else:
+                    self._retired_denials[(cap_name(cap), *wl, verdict)] += n
+            self.held.delete_held(dead_held)
+            self._held_tally.forget(dead_held)
         with self._lock:
             for key in [k for k in self._denials if k[0] in dead]:
                 cg, cap, expected = key
@@ -179,7 +304,7 @@ class ExporterState:
         """Aggregate the kernel's counts into label sets (the cap on series applied)."""
         now = self.clock()
         self._expire(now)
-        counts = self.source.read_counts()
+        counts = self._read_counts()
         per_cg: Counter[int] = Counter()
         pre: Counter[LabelKey] = Counter()  # by label set, before the cap on series
         for (cg, cap, denied), n in counts.items():
@@ -196,18 +321,7 @@ class ExporterState:
                 pre[key] += self._retired[key]
             else:
                 del self._retired[key]  # no live cgroup has these labels: the series ends
-        out: Counter[LabelKey] = Counter()
-        for key, n in pre.items():
-            target = key
-            if key not in self._admitted:
-                if len(self._admitted) < self.max_series:
-                    self._admitted.add(key)
-                else:
-                    if key not in self._folded:
-                        self._folded.add(key)
-                        self.folded_total += 1
-                    target = (key[0], key[1], "", "", OVERFLOW, "")
-            out[target] += n
+        out = self._checks_admission.apply(pre)
         for cg, total in per_cg.items():
             st = self._cgroups.get(cg)
             if st is None:
@@ -218,24 +332,51 @@ class ExporterState:
                 if not is_settled(st.workload, k8s=self.k8s):
                     st.workload = self.resolve(cg)
         self.series_count = len(out)
-        self._admitted &= set(pre)  # label sets with no live series free their slot
-        return dict(out)
+        return out
 
-    def denials(self) -> dict[tuple[str, str, str, str, str, str], int]:
+    def denials(self) -> dict[DenialKey, int]:
+        """Denials by workload and verdict: those delivered (classified with
+        their comm) plus those held back in the kernel (classified by their own
+        syscall, capwatch/held.py). Held ones that need a comm to classify go
+        to :meth:`unclassified` instead."""
         with self._lock:
             raw = dict(self._denials)
         now = self.clock()
-        out: Counter[tuple[str, str, str, str, str, str]] = Counter()
+        labels_of: dict[int, tuple[str, str, str, str]] = {}
+
+        def labels(cg: int) -> tuple[str, str, str, str]:
+            wl = labels_of.get(cg)
+            if wl is None:
+                wl = labels_of[cg] = workload_labels(self._workload(cg, now))
+            return wl
+
+        out: Counter[DenialKey] = Counter()
         for (cg, cap, expected), n in raw.items():
-            labels = workload_labels(self._workload(cg, now))
-            out[(cap_name(cap), *labels, "true" if expected else "false")] += n
+            out[(cap_name(cap), *labels(cg), "true" if expected else "false")] += n
+        unclassified: Counter[UnclassifiedKey] = Counter()
+        for (cg, cap, verdict), n in classify_held(self._read_held(), labels, self.policy).items():
+            if verdict == UNCLASSIFIED:
+                unclassified[(cap_name(cap), *labels(cg))] += n
+            else:
+                out[(cap_name(cap), *labels(cg), verdict)] += n
         with self._lock:
             for key in list(self._retired_denials):
                 if key in out:
                     out[key] += self._retired_denials[key]
                 else:
                     del self._retired_denials[key]
-        return dict(out)
+            for ukey in list(self._retired_unclassified):
+                if ukey in unclassified:
+                    unclassified[ukey] += self._retired_unclassified[ukey]
+                else:
+                    del self._retired_unclassified[ukey]
+        self._unclassified = self._unclassified_admission.apply(unclassified)
+        return self._denials_admission.apply(out)
+
+    def unclassified(self) -> dict[UnclassifiedKey, int]:
+        """Held denials no rule could classify without their comm (as of the
+        last :meth:`denials`)."""
+        return dict(self._unclassified)
 
 
 _CHECKS_HELP = "Capability checks seen by the kernel hook, exact."
@@ -317,13 +458,44 @@ class CapwatchCollector(Collector):
         yield lost
         yield CounterMetricFamily(
             "capwatch_denials_suppressed",
-            "Denials held back by the per-(pid, capability) rate limit (still in checks_total).",
+            "Denials held back by a rate limit or the cgroup budget (counted by syscall).",
             value=stats.get("suppressed", 0),
         )
+        unc = CounterMetricFamily(
+            "capwatch_denials_unclassified",
+            "Denials held back in the kernel whose first matching rule needs their comm.",
+            labels=["capability", *_WL],
+        )
+        for ukey, n in st.unclassified().items():
+            unc.add_metric(list(ukey), n)
+        yield unc
         yield CounterMetricFamily(
             "capwatch_checks_uncounted",
-            "Checks the full count map could not count.",
+            "Checks the count map could not count.",
             value=stats.get("count_fail", 0),
+        )
+        yield CounterMetricFamily(
+            "capwatch_denials_uncounted",
+            "Held-back denials the held map could not count by syscall (still in checks_total).",
+            value=stats.get("held_fail", 0),
+        )
+        evicted = CounterMetricFamily(
+            "capwatch_map_evictions",
+            "Entries the kernel's LRU maps evicted to make room (their later counts start anew).",
+            labels=["map"],
+        )
+        evicted.add_metric(["counts"], stats.get("count_evicted", 0))
+        evicted.add_metric(["held"], stats.get("held_evicted", 0))
+        yield evicted
+        yield CounterMetricFamily(
+            "capwatch_count_reads_partial",
+            "Count-map reads that could not get a quiet read of every CPU (short, never long).",
+            value=stats.get("inconsistent_reads", 0),
+        )
+        yield CounterMetricFamily(
+            "capwatch_map_read_errors",
+            "Reads of the kernel's maps that failed (the scrape failed too).",
+            value=st.read_errors,
         )
         yield CounterMetricFamily(
             "capwatch_series_folded",
@@ -373,17 +545,18 @@ class _Rest(Collector):
 
 
 class DenialCounter:
-    """The pipeline sink that feeds the exporter: each denial, counted by its
-    class (expected or not) for ``capwatch_denials_total``."""
+    """The pipeline sink that feeds the exporter: each streamed denial, counted by
+    its class (expected or not) for ``capwatch_denials_total``."""
 
     def __init__(self, state: ExporterState) -> None:
         self.state = state
 
     def write(self, check: Check) -> None:
+        # one per streamed denial: those the kernel held back (rate limit, cgroup
+        # budget, full ring) are counted there by their own syscall and classified
+        # as such (diagnose/held.py), never with this event's class
         if check.denied:
-            self.state.count_denial(
-                check.cgroup_id, check.cap, expected=bool(check.expected), n=check.count
-            )
+            self.state.count_denial(check.cgroup_id, check.cap, expected=bool(check.expected))
 
     def tick(self) -> None:
         pass
