@@ -69,6 +69,8 @@ class ProgramConfig:
     count_entries: int = 65536
     self_pid: int = 0  # 0: this process
     outcome: bool = False  # hook syscall exit to learn each denial's syscall result
+    # with outcome and a filter: also EPERM/EACCES that no capability denial explains
+    refusals: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ def build_cflags(config: ProgramConfig, mode: str, *, no_autoattach: bool = Fals
         flags.append(f"-DCW_FILTER_CGROUP={config.filter_cgroup}ULL")
     if config.outcome:
         flags.append("-DCW_OUTCOME")
+    if config.refusals:
+        if not config.outcome or (config.filter_cgroup is None and config.filter_pid is None):
+            raise CapwatchError("refusals need outcome mode and a pid or cgroup filter")
+        flags.append("-DCW_REFUSALS")
     if no_autoattach:
         flags.append("-DCW_NO_AUTOATTACH")
     return flags

@@ -249,7 +249,7 @@ def cmd_decode(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         out.write(json.dumps(dec.to_dict()) + "\n")
         return 0
-    out.write(f"mask 0x{dec.mask:016x}: {len(dec.present)} of {len(CAPS)} capabilities\n")
+    out.write(f"mask 0x{dec.mask:016x}: {dec.headline()}\n")
     for c in CAPS:
         mark = "+" if c.number in dec.present else "-"
         out.write(f"  {mark} {c.number:>2} {c.name:<24} {c.summary}\n")
@@ -368,9 +368,7 @@ def cmd_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if not keep(rec):
             return
         if joined is not None and ev.denied:
-            rec["outcome"], rec["role"] = joined.outcome, joined.role
-            if joined.ret is not None:
-                rec["syscall_ret"] = joined.ret
+            rec.update(joined.fields())
         if args.unique:
             key = (rec["container"], rec["comm"], ev.cap, ev.denied, ev.syscall_nr)
             if key in seen:

@@ -38,7 +38,16 @@ class RecentDenials:
 
     @staticmethod
     def key(rec: dict[str, Any]) -> tuple[Any, ...]:
-        return (rec.get("container"), rec.get("comm"), rec.get("cap"), rec.get("syscall"))
+        # the outcome and role are part of the key: a cause followed by a success of
+        # the same (comm, cap, syscall) stays a cause, beside the probe
+        return (
+            rec.get("container"),
+            rec.get("comm"),
+            rec.get("cap"),
+            rec.get("syscall"),
+            rec.get("outcome"),
+            rec.get("role"),
+        )
 
     def __contains__(self, rec: dict[str, Any]) -> bool:
         return self.key(rec) in self._items
@@ -94,6 +103,13 @@ def _status(rec: dict[str, Any]) -> ProcStatus | None:
         return None
 
 
+def _kind(rec: dict[str, Any]) -> str:
+    """The context the fixes are written for, as explain's live watch decides it."""
+    if rec.get("pod"):
+        return "kubernetes"
+    return str(rec.get("runtime") or rec.get("kind") or "host")
+
+
 def read_recent(path: str, n: int) -> list[Explanation]:
     """Explain the ``n`` most recent distinct denials recorded in ``path``."""
     items: list[dict[str, Any]] = []
@@ -113,12 +129,15 @@ def read_recent(path: str, n: int) -> list[Explanation]:
                 ret=rec.get("syscall_ret"),
                 known_probe=rec.get("rule"),
                 status=_status(rec),
-                kind=str(rec.get("kind") or "host"),
-                container=str(rec.get("container_name") or rec.get("container") or ""),
+                kind=_kind(rec),
+                container=str(rec.get("container_name") or str(rec.get("container_id") or "")[:12]),
+                container_id=str(rec.get("container_id") or ""),
                 pod=str(rec.get("pod") or ""),
                 namespace=str(rec.get("namespace") or ""),
                 userns=rec.get("userns"),
                 count=int(rec.get("count", 1)),
+                exit_code=rec.get("exit_code"),
+                uid=rec.get("uid"),
             )
         except (KeyError, ValueError, TypeError):
             continue  # a record from another version: skip it

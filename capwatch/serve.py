@@ -133,8 +133,7 @@ class DenialPipeline:
             # the same record trace keeps (render.to_record), plus what serve knows
             rec = to_record(ev, self.clock, lambda _cg: identity_of(w))
             rec["rule"] = rule_name if expected else None
-            if j.ret is not None:
-                rec["syscall_ret"] = j.ret
+            rec.update(j.fields())
             self.recent.add(rec if rec in self.recent else with_caps(rec, self.proc_root))
 
 
