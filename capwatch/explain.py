@@ -350,14 +350,16 @@ def fold(exps: list[Explanation]) -> list[Explanation]:
                 vm = Explanation(**{**e.__dict__, "details": [], "fixes": []})
                 vm.summary = (
                     "A probe, not a cause: memory accounting (__vm_enough_memory) asks for "
-                    "CAP_SYS_ADMIN on every mmap, brk, clone and execve of a non-root process "
-                    "to size its overcommit reserve, and goes on without it. Nothing to grant."
+                    "CAP_SYS_ADMIN on every mmap, brk, clone and execve of a process that lacks "
+                    "it, to size its overcommit reserve, and goes on without it. Nothing to grant."
                 )
                 out.append(vm)
             else:
                 vm.count += e.count
                 if e.syscall not in vm.syscall.split(","):
                     vm.syscall += f",{e.syscall}"
+                if e.comm not in vm.comm.split(","):
+                    vm.comm += f",{e.comm}"
             continue
         out.append(e)
     for e in out:

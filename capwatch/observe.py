@@ -27,7 +27,7 @@ from capwatch.cgroups import find_cgroup2_mount, walk_cgroup_tree
 from capwatch.containers import Attributor, ContainerNames, Workload, classify
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.events import Batch, Event, events_from_batch
-from capwatch.explain import DenialFacts, Explanation, explain
+from capwatch.explain import DenialFacts, Explanation, explain, fold
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
 from capwatch.session import Session, stop_on_signals
@@ -116,6 +116,7 @@ class _Collector:
         self.joined: list[Joined] = []
         self.allowed: dict[tuple[int, str, str], int] = {}
         self.joiner = OutcomeJoiner(self._take)
+        self.exit_code = 0  # the command's, for explain -- CMD (128+N when killed by signal N)
 
     def on_batch(self, _ring: str, batch: Batch) -> None:
         for ev in events_from_batch(batch):
@@ -239,6 +240,8 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[
             child.wait()
         session.close()
     if child is not None and child.returncode:
+        rc = child.returncode
+        col.exit_code = rc if rc > 0 else 128 - rc
         err.write(
             f"capwatch: {target.argv[0] if target.argv else ''} exited with {child.returncode}\n"
         )
@@ -250,7 +253,7 @@ def _explanations(col: _Collector) -> list[Explanation]:
     for j in col.joined:
         ev = j.event
         syscall = syscall_name(ev.syscall_nr)
-        key = (ev.comm, ev.cap, syscall, j.outcome)
+        key = (ev.comm, ev.cap, syscall, j.outcome, j.role)
         if key in seen:
             seen[key].count += 1
             continue
@@ -278,9 +281,12 @@ def _explanations(col: _Collector) -> list[Explanation]:
             namespace=w.namespace,
             service=w.service,
             userns=ev.in_userns,
+            exit_code=j.exit_code,
+            uid=ev.uid,
+            container_id=w.container_id,
         )
         seen[key] = explain(facts)
-    return list(seen.values())
+    return fold(list(seen.values()))
 
 
 def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -304,10 +310,10 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write("" if args.json else f"no capability was denied to {target.label}\n")
         if args.json:
             out.write("[]\n")
-        return 0
+        return col.exit_code
     exps.sort(key=lambda e: {"cause": 0, "unknown": 1, "probe": 2}[e.role])
     _print(args, exps, out)
-    return 0
+    return col.exit_code
 
 
 def _print(args: argparse.Namespace, exps: list[Explanation], out: TextIO) -> None:

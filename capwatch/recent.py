@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from capwatch.explain import DenialFacts, Explanation, explain
+from capwatch.explain import DenialFacts, Explanation, explain, fold
 from capwatch.procfs import ProcStatus
 
 __all__ = ["DEFAULT_STATE_FILE", "RecentDenials", "read_recent", "with_caps"]
@@ -142,7 +142,7 @@ def read_recent(path: str, n: int) -> list[Explanation]:
         except (KeyError, ValueError, TypeError):
             continue  # a record from another version: skip it
         out.append(explain(facts))
-    return out
+    return fold(out)
 
 
 def with_caps(rec: dict[str, Any], proc_root: str = "/proc") -> dict[str, Any]:

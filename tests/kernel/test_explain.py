@@ -34,7 +34,8 @@ print("settimeofday", r, ctypes.get_errno())
 """
 
 
-def explain_json(*args: str, timeout: float = 60) -> list[dict[str, Any]]:
+def explain_json(*args: str, timeout: float = 60, rc: int = 0) -> list[dict[str, Any]]:
+    """explain's findings; ``rc`` is the status expected: the watched command's own."""
     r = subprocess.run(
         [sys.executable, "-m", "capwatch.cli", "explain", "--json", *args],
         capture_output=True,
@@ -43,7 +44,7 @@ def explain_json(*args: str, timeout: float = 60) -> list[dict[str, Any]]:
         cwd=REPO,
         check=False,
     )
-    assert 0 == r.returncode, r.stderr
+    assert rc == r.returncode, r.stderr
     out: list[dict[str, Any]] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
@@ -63,7 +64,7 @@ class TestHostScenarios:
         """date -s under capsh --drop: CAP_SYS_TIME, clock_settime, EPERM, bounding set, a cause."""
         e = by_cap(
             explain_json(
-                "--", "capsh", "--drop=cap_sys_time", "--", "-c", "exec date -s 2020-01-01"
+                "--", "capsh", "--drop=cap_sys_time", "--", "-c", "exec date -s 2020-01-01", rc=1
             )
         )["CAP_SYS_TIME"]
         assert ("clock_settime", "EPERM", "cause", "bounding") == (
@@ -77,7 +78,7 @@ class TestHostScenarios:
     def test_ping_without_net_raw(self) -> None:
         """busybox ping without CAP_NET_RAW: socket() refused with EPERM, bounding set lacks it."""
         exps = explain_json(
-            "--", "capsh", "--drop=cap_net_raw", "--", "-c", "busybox ping -c1 -W1 127.0.0.1"
+            "--", "capsh", "--drop=cap_net_raw", "--", "-c", "busybox ping -c1 -W1 127.0.0.1", rc=1
         )
         e = by_cap(exps)["CAP_NET_RAW"]
         assert ("socket", "EPERM", "cause", "bounding") == (
@@ -94,7 +95,9 @@ class TestHostScenarios:
         import os
 
         os.chown(f, 1000, 1000)
-        exps = explain_json("--", "capsh", "--drop=cap_chown", "--", "-c", f"exec chown 0 {f}")
+        exps = explain_json(
+            "--", "capsh", "--drop=cap_chown", "--", "-c", f"exec chown 0 {f}", rc=1
+        )
         e = by_cap(exps)["CAP_CHOWN"]
         assert ("fchownat", "EPERM", "cause", "bounding") == (
             e["syscall"],
