@@ -476,6 +476,45 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
 #if !defined(CW_FILTER_CGROUP) && !defined(CW_FILTER_PID)
 #error "CW_REFUSALS needs CW_FILTER_CGROUP or CW_FILTER_PID: nothing else may pay for it"
 #endif
+/* The path a refused execve/open-like syscall named, by thread: read from the
+ * user registers saved at syscall entry (pt_regs is ABI), which a failed
+ * syscall leaves as they were. Written before the refusal record is sent, so
+ * user space finds it when the record arrives. */
+struct cw_path {
+	char p[256];
+};
+BPF_PERCPU_ARRAY(path_scratch, struct cw_path, 1);
+BPF_TABLE("lru_hash", u32, struct cw_path, refusal_path, 1024);
+
+static __always_inline void cw_note_path(u32 tid, s32 nr)
+{
+	u32 zero = 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	u64 arg = 0;
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	/* first argument: execve, open, creat, mkdir, unlink, truncate, chmod;
+	 * second (after a dirfd): execveat, openat, mkdirat, unlinkat, fchmodat, openat2 */
+	if (nr == 59 || nr == 2 || nr == 85 || nr == 83 || nr == 87 || nr == 76 || nr == 90)
+		arg = regs->di;
+	else if (nr == 322 || nr == 257 || nr == 258 || nr == 263 || nr == 268 || nr == 437)
+		arg = regs->si;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	if (nr == 221 || nr == 45) /* execve, truncate */
+		arg = regs->regs[0];
+	else if (nr == 281 || nr == 56 || nr == 34 || nr == 35 || nr == 53 || nr == 437)
+		arg = regs->regs[1];
+#endif
+	if (!arg)
+		return;
+	struct cw_path *buf = path_scratch.lookup(&zero);
+	if (!buf)
+		return;
+	if (bpf_probe_read_user_str(buf->p, sizeof(buf->p), (const void *)arg) <= 0)
+		return;
+	refusal_path.update(&tid, buf);
+}
+
 static __always_inline void cw_refusal(s64 ret)
 {
 	if (ret != -1 && ret != -13) /* -EPERM, -EACCES */
@@ -505,6 +544,7 @@ static __always_inline void cw_refusal(s64 ret)
 	e->uid = (u32)bpf_get_current_uid_gid();
 	e->cap = -1;
 	e->syscall_nr = current_syscall();
+	cw_note_path(tid, e->syscall_nr);
 	e->ret = (s32)ret;
 	e->flags = CW_F_OUTCOME | CW_F_REFUSAL;
 	e->suppressed = 0;

@@ -328,6 +328,23 @@ class LoadedProgram:
             with contextlib.suppress(KeyError):
                 del table[table.Key(cg, cap, int(denied))]
 
+    def refusal_path(self, tid: int) -> str | None:
+        """The path named by ``tid``'s last refused execve/open-like syscall (refusals
+        mode), taken from the map: None when it named none or was not kept."""
+        if not self.config.refusals:
+            return None
+        import ctypes
+
+        table = self._bpf[b"refusal_path"]
+        key = ctypes.c_uint32(tid)
+        try:
+            raw = bytes(table[key].p)
+        except KeyError:
+            return None
+        with contextlib.suppress(KeyError):
+            del table[key]
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace") or None
+
     def read_stats(self) -> dict[str, int]:
         table = self._bpf[b"stats"]
         import ctypes

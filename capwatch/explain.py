@@ -20,6 +20,8 @@ CONTAINER_KINDS = frozenset({"docker", "podman", "containerd", "crio", "kubernet
 _SYSLOG = parse_cap("CAP_SYSLOG")
 _SYS_ADMIN = parse_cap("CAP_SYS_ADMIN")
 _DAC_PAIR = frozenset({parse_cap("CAP_DAC_OVERRIDE"), parse_cap("CAP_DAC_READ_SEARCH")})
+#: Capabilities the kernel asks for only after a file's own permissions refused.
+_FILE_PERMISSION = _DAC_PAIR | {parse_cap("CAP_FOWNER")}
 #: Syscalls in which __vm_enough_memory() asks for CAP_SYS_ADMIN (noaudit) to
 #: decide the overcommit reserve of a non-root process (mm/util.c, every
 #: version since 2.6): the call goes on either way.
@@ -89,6 +91,8 @@ class Explanation:
     namespace: str = ""
     asynchronous: bool = False  # the refusal came (or may have come) in a later reply
     caps_source: str = ""  # "" when the sets were the process's own
+    #: what refused: capability | file permissions | no_new_privs
+    verdict: str = "capability"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -299,6 +303,45 @@ def explain(f: DenialFacts) -> Explanation:
                     f"bounding set includes {name} (check the parent with capwatch ps)",
                 }
             )
+    uid = f.status.uid if f.status is not None else f.uid
+    if missing == "permitted" and f.cap in _FILE_PERMISSION and uid not in (0, None):
+        # generic_permission() asks for these only after the file's mode and owner
+        # refused the uid (fs/namei.c, every version): the refusal is the file's.
+        ex.verdict = "file permissions"
+        ex.summary = (
+            f"{f.syscall} failed with {ex.outcome}: file permissions refused uid {uid}; the "
+            f"kernel then checked whether {name} lets it override them."
+        )
+        ex.details.append(
+            f"This is a plain file permission refusal: the file's mode, owner or ACL refuse "
+            f"uid {uid}, and the kernel then asked whether the process may override them "
+            f"({name}). A path is not known from the syscall: check it with ls -l / stat."
+        )
+        ex.fixes.append(
+            {
+                "context": "file permissions",
+                "fix": f"give uid {uid} access to the file (chown, chmod or setfacl), or run "
+                f"as a user that has it; granting {name} would bypass the permissions of "
+                "every file, not just this one",
+            }
+        )
+        return _warn(ex, f, in_container)
+    if missing == "permitted" and f.status is not None and f.status.no_new_privs:
+        ex.verdict = "no_new_privs"
+        ex.details.append(
+            "no_new_privs is set (NoNewPrivs: 1): a setuid or file-capability binary gains "
+            f"nothing on exec, so {f.comm} runs without {name} even if the binary carries it."
+        )
+        ex.fixes += [
+            {"context": "setpriv", "fix": "run it without setpriv --no-new-privs"},
+            {"context": "systemd", "fix": "NoNewPrivileges=no, or AmbientCapabilities=" + name},
+            {
+                "context": "container",
+                "fix": "drop --security-opt no-new-privileges (docker/podman), or "
+                "allowPrivilegeEscalation: true (kubernetes securityContext)",
+            },
+        ]
+        return _warn(ex, f, in_container)
     if missing in ("permitted", "unknown"):
         ex.fixes.append({"context": "file", "fix": f"setcap {name.lower()}+ep /path/to/{f.comm}"})
         ex.fixes.append({"context": "systemd", "fix": f"AmbientCapabilities={name}"})
@@ -318,7 +361,12 @@ def explain(f: DenialFacts) -> Explanation:
                 f"{f.syscall} (capset), or setcap {name.lower()}+ep on the binary",
             }
         )
-    if f.cap in DANGEROUS and ex.fixes:
+    return _warn(ex, f, in_container)
+
+
+def _warn(ex: Explanation, f: DenialFacts, in_container: bool) -> Explanation:
+    name = ex.capability
+    if f.cap in DANGEROUS and ex.fixes and ex.verdict == "capability":
         ex.warning = (
             (
                 f"{name} is dangerous: granting it to a container is as good as giving it "

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -30,6 +31,7 @@ from capwatch.events import Batch, Event, events_from_batch
 from capwatch.explain import DenialFacts, Explanation, explain, fold
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
+from capwatch.refusals import Refusal, gather, judge, tolerated_runtime, with_stand_in
 from capwatch.session import Session, stop_on_signals
 from capwatch.syscalls import syscall_name
 
@@ -79,6 +81,8 @@ def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
         "emit_all": not unique and args.command == "advise",
         "unique": unique,
     }
+    if args.command == "explain":
+        base["refusals"] = True  # only with a cgroup or pid filter (below)
     if args.cmd:
         root = _unified(args)
         d = os.path.join(root, f"capwatch-run-{uuid.uuid4().hex[:8]}")
@@ -97,6 +101,8 @@ def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
         return Target(f"pid {args.pid}", _bpf.ProgramConfig(filter_pid=args.pid, **base))
     if args.container:
         short, cgs = _container_cgroups(args, args.container)
+        if len(cgs) != 1:
+            base["refusals"] = False  # no single cgroup to filter on in the kernel
         cfg = _bpf.ProgramConfig(filter_cgroup=next(iter(cgs)) if len(cgs) == 1 else None, **base)
         return Target(f"container {args.container} ({short})", cfg, cgroup_ids=cgs)
     raise UsageError("say what to watch: PID, --container NAME|ID, or -- COMMAND ARGS")
@@ -112,18 +118,21 @@ class _Collector:
         self.attributor = attributor
         self.policy = policy
         self.proc_root = proc_root
-        self.status: dict[int, procfs.ProcStatus | None] = {}
+        # by (pid, uid, comm): a setuid() or an execve changes the sets of the same pid
+        self.status: dict[tuple[int, int, str], procfs.ProcStatus | None] = {}
         self.joined: list[Joined] = []
         self.allowed: dict[tuple[int, str, str], int] = {}
-        self.joiner = OutcomeJoiner(self._take)
+        self.joiner = OutcomeJoiner(self._take, on_refusal=self._refusal)
+        self.refusals: dict[tuple[Any, ...], Refusal] = {}
+        self.path_of: Callable[[int], str | None] = lambda _tid: None  # the program's map
         self.exit_code = 0  # the command's, for explain -- CMD (128+N when killed by signal N)
 
     def on_batch(self, _ring: str, batch: Batch) -> None:
         for ev in events_from_batch(batch):
             if self.target.cgroup_ids and ev.cgroup_id not in self.target.cgroup_ids:
                 continue
-            if ev.denied and ev.pid not in self.status:
-                self.status[ev.pid] = self._status(ev) or self._stand_in_for(ev)
+            if ev.denied and (ev.pid, ev.uid, ev.comm) not in self.status:
+                self.status[ev.pid, ev.uid, ev.comm] = self._status(ev) or self._stand_in_for(ev)
             self.joiner.feed(ev)
 
     def _status(self, ev: Event) -> procfs.ProcStatus | None:
@@ -141,6 +150,37 @@ class _Collector:
 
     def close(self) -> None:
         self.attributor.close()
+
+    def _refusal(self, ev: Event) -> None:
+        """A syscall refused without a capability denial: judged with what is seen now."""
+        syscall = syscall_name(ev.syscall_nr)
+        path = self.path_of(ev.tid)
+        if tolerated_runtime(ev.comm, syscall):
+            return
+        w = self.attributor.resolve(ev.cgroup_id)
+        facts = gather(
+            syscall=syscall,
+            ret=ev.ret,
+            comm=ev.comm,
+            pid=ev.pid,
+            uid=ev.uid,
+            path=path,
+            proc_root=self.proc_root,
+            kind=_kind(w),
+            container=w.container_name or w.name or "",
+            container_id=w.container_id,
+            pod=w.pod,
+            namespace=w.namespace,
+        )
+        if facts.seccomp is None:  # gone: a live process of its cgroup shares the
+            st = self.stand_in(ev)  # bounding set, and in a container the seccomp filter
+            if st is not None:
+                facts = with_stand_in(facts, st.pid, self.proc_root)
+        key = (ev.comm, syscall, ev.ret, path)
+        if key in self.refusals:
+            self.refusals[key].count += 1
+        else:
+            self.refusals[key] = judge(facts)
 
     def _stand_in_for(self, ev: Event) -> procfs.ProcStatus | None:
         """The process is gone: a live process of its cgroup tells the bounding set,
@@ -188,6 +228,7 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[
     attributor = Attributor(cgroup_root=args.cgroup_root, proc_root=args.proc_root)
     col = _Collector(target, attributor, policy, args.proc_root)
     session = Session(target.config, args.attach, kernel_headers=args.kernel_headers)
+    col.path_of = session.program.refusal_path
     t0 = time.monotonic()
     child: subprocess.Popen[bytes] | None = None
     try:
@@ -258,7 +299,7 @@ def _explanations(col: _Collector) -> list[Explanation]:
             seen[key].count += 1
             continue
         w = col.attributor.resolve(ev.cgroup_id)
-        status = col.status.get(ev.pid)
+        status = col.status.get((ev.pid, ev.uid, ev.comm))
         rule = col.policy.classify(
             cap=ev.cap,
             syscall=syscall,
@@ -306,21 +347,28 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         exps = _explanations(col)
     finally:
         col.close()
-    if not exps:
+    refusals = list(col.refusals.values())
+    if not exps and not refusals:
         out.write("" if args.json else f"no capability was denied to {target.label}\n")
         if args.json:
             out.write("[]\n")
         return col.exit_code
     exps.sort(key=lambda e: {"cause": 0, "unknown": 1, "probe": 2}[e.role])
-    _print(args, exps, out)
+    _print(args, exps, out, refusals)
     return col.exit_code
 
 
-def _print(args: argparse.Namespace, exps: list[Explanation], out: TextIO) -> None:
+def _print(
+    args: argparse.Namespace,
+    exps: list[Explanation],
+    out: TextIO,
+    refusals: list[Refusal] | None = None,
+) -> None:
+    found: list[Explanation | Refusal] = [*exps, *(refusals or [])]
     if args.json:
-        out.write(json.dumps([e.to_dict() for e in exps]) + "\n")
+        out.write(json.dumps([e.to_dict() for e in found]) + "\n")
     else:
-        out.write("\n".join(e.render() for e in exps))
+        out.write("\n".join(e.render() for e in found))
 
 
 def run_advise(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
