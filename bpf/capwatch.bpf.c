@@ -515,6 +515,17 @@ static __always_inline void cw_note_path(u32 tid, s32 nr)
 	refusal_path.update(&tid, buf);
 }
 
+static __always_inline int cw_is_exec(s32 nr)
+{
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	return nr == 59 || nr == 322;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	return nr == 221 || nr == 281;
+#else
+	return 0;
+#endif
+}
+
 static __always_inline void cw_refusal(s64 ret)
 {
 	if (ret != -1 && ret != -13) /* -EPERM, -EACCES */
@@ -530,7 +541,11 @@ static __always_inline void cw_refusal(s64 ret)
 		return;
 #endif
 	u32 tid = (u32)pid_tgid;
-	if (pending.lookup(&tid)) /* a denial in it: its outcome record follows */
+	s32 nr = current_syscall();
+	/* A denial in it: its outcome record follows. Except for execve, whose
+	 * CAP_SYS_ADMIN check in memory accounting is no reason for an EPERM that
+	 * file capabilities caused: the refusal is sent too, with its path. */
+	if (!cw_is_exec(nr) && pending.lookup(&tid))
 		return;
 	struct cw_event *e = denials.ringbuf_reserve(sizeof(*e));
 	if (!e) {
@@ -543,8 +558,8 @@ static __always_inline void cw_refusal(s64 ret)
 	e->tid = tid;
 	e->uid = (u32)bpf_get_current_uid_gid();
 	e->cap = -1;
-	e->syscall_nr = current_syscall();
-	cw_note_path(tid, e->syscall_nr);
+	e->syscall_nr = nr;
+	cw_note_path(tid, nr);
 	e->ret = (s32)ret;
 	e->flags = CW_F_OUTCOME | CW_F_REFUSAL;
 	e->suppressed = 0;

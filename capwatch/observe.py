@@ -124,6 +124,10 @@ class _Collector:
         self.allowed: dict[tuple[int, str, str], int] = {}
         self.joiner = OutcomeJoiner(self._take, on_refusal=self._refusal)
         self.refusals: dict[tuple[Any, ...], Refusal] = {}
+        self.refusal_cgroup: dict[tuple[Any, ...], int] = {}
+        # threads whose execve the file's capabilities refused: a CAP_SYS_ADMIN
+        # denial in that execve (memory accounting) is not why it failed
+        self.filecap_exec: set[int] = set()
         self.path_of: Callable[[int], str | None] = lambda _tid: None  # the program's map
         self.exit_code = 0  # the command's, for explain -- CMD (128+N when killed by signal N)
 
@@ -181,6 +185,16 @@ class _Collector:
             self.refusals[key].count += 1
         else:
             self.refusals[key] = judge(facts)
+            self.refusal_cgroup[key] = ev.cgroup_id
+        if self.refusals[key].verdict == "file capabilities":
+            self.filecap_exec.add(ev.tid)
+
+    def named_refusals(self) -> list[Refusal]:
+        """The refusals, with container names learnt since they arrived."""
+        for key, r in self.refusals.items():
+            w = self.attributor.resolve(self.refusal_cgroup[key])
+            r.container = r.container or w.container_name or w.name or ""
+        return list(self.refusals.values())
 
     def _stand_in_for(self, ev: Event) -> procfs.ProcStatus | None:
         """The process is gone: a live process of its cgroup tells the bounding set,
@@ -308,13 +322,22 @@ def _explanations(col: _Collector) -> list[Explanation]:
             pod=w.pod,
             namespace=w.namespace,
         )
+        explained_by_file = (
+            ev.tid in col.filecap_exec and syscall in ("execve", "execveat") and ev.cap == 21
+        )
         facts = DenialFacts(
             cap=ev.cap,
             syscall=syscall,
             comm=ev.comm,
             pid=ev.pid,
-            ret=j.ret,
-            known_probe=rule.name if rule else None,
+            ret=None if explained_by_file else j.ret,
+            known_probe=(
+                "memory accounting; the exec failed for the file's capabilities"
+                if explained_by_file
+                else rule.name
+                if rule
+                else None
+            ),
             status=status,
             kind=_kind(w),
             container=w.container_name or w.name or w.label,
@@ -345,9 +368,9 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     col, _ = _observe(args, target, err)
     try:
         exps = _explanations(col)
+        refusals = col.named_refusals()
     finally:
         col.close()
-    refusals = list(col.refusals.values())
     if not exps and not refusals:
         out.write("" if args.json else f"no capability was denied to {target.label}\n")
         if args.json:

@@ -385,10 +385,12 @@ def _status_fields(pid: int, proc_root: str) -> dict[str, str]:
     return out
 
 
-def _file(path: str, pid: int, proc_root: str) -> FileEvidence:
+def _file(
+    path: str, pid: int, proc_root: str, *, host: bool, seen_as: str = "the process's root"
+) -> FileEvidence:
     base = os.path.join(proc_root, str(pid), "root" if path.startswith("/") else "cwd")
-    candidates = [(os.path.join(base, path.lstrip("/")), "the process's root")]
-    if path.startswith("/"):
+    candidates = [(os.path.join(base, path.lstrip("/")), seen_as)]
+    if path.startswith("/") and host:  # a container's paths mean nothing on the host
         candidates.append((path, "the host (the process was gone)"))
     for full, seen_from in candidates:
         try:
@@ -421,8 +423,12 @@ def with_stand_in(f: RefusalFacts, pid: int, proc_root: str = "/proc") -> Refusa
     )
     if other.seccomp is None:
         return f
+    fe = f.file
+    if fe is not None and not fe.exists:  # the same container: the same root
+        fe = _file(fe.path, pid, proc_root, host=False, seen_as=f"the root of pid {pid}")
     return replace(
         f,
+        file=fe,
         seccomp=other.seccomp,
         no_new_privs=other.no_new_privs,
         cap_bnd=other.cap_bnd,
@@ -475,7 +481,11 @@ def gather(
         cap_eff=num("CapEff", 16),
         in_userns=userns,
         lsms=lsms,
-        file=_file(path, pid, proc_root) if path else None,
+        file=(
+            _file(path, pid, proc_root, host=workload.get("kind") not in _CONTAINER_KINDS)
+            if path
+            else None
+        ),
         **workload,
     )
 

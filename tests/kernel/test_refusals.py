@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import REPO, require_root, require_tool
 from tests.kernel.podman import (
+    BUSYBOX,
     RUN,
     busybox_rootfs,
     new_name,
@@ -117,10 +118,13 @@ class TestNetlinkInContainer:
     def test_explain_ip_link_add(self, container: Any) -> None:
         """ip link add in a podman container without NET_ADMIN: a cause, the container is named
         in the finding, and the fix is podman run --cap-add=NET_ADMIN."""
-        name = container("sleep 4; ip link add dummy0 type dummy; sleep 3")
-        r = capwatch("explain", "--json", "--container", name, "--duration", "7")
-        exps = net_admin(findings(r))
-        assert exps, r.stdout
+        name = container("sleep 120")
+        exps = net_admin(
+            watch_then(
+                name, 10, ["podman", "exec", name, "ip", "link", "add", "d0", "type", "dummy"]
+            )
+        )
+        assert exps
         e = exps[0]
         assert ("cause", True, name, "podman") == (
             e["role"],
@@ -133,21 +137,174 @@ class TestNetlinkInContainer:
 
     def test_advise_proposes_net_admin(self, container: Any) -> None:
         """advise on the same container proposes NET_ADMIN as missing, from the refused ip."""
-        name = container("sleep 4; ip link add dummy0 type dummy; sleep 3")
-        r = capwatch("advise", "--json", "--container", name, "--duration", "7")
-        assert 0 == r.returncode, r.stderr
-        a = json.loads(r.stdout)
+        name = container("sleep 120")
+        a = watch_then(
+            name,
+            10,
+            ["podman", "exec", name, "ip", "link", "add", "d0", "type", "dummy"],
+            command="advise",
+        )
         assert "CAP_NET_ADMIN" in a["capabilities"], a
         assert "--cap-add=NET_ADMIN" in a["docker"]
         assert any("(ip)" in ev for ev in a["evidence"]["CAP_NET_ADMIN"])
 
 
-def _explain_text(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return capwatch("explain", "--", *cmd)
+@pytest.fixture
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory that uid 65534 can traverse (pytest's own are 0700)."""
+    d = Path(f"/tmp/capwatch-test-{os.getpid()}-{os.urandom(3).hex()}")
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
-def test_binaries_used_exist() -> None:
-    """The tools the scenarios below need are here (they are part of the test host)."""
-    for tool in ("setpriv", "setcap", "capsh"):
-        assert shutil.which(tool), tool
-    assert os.path.exists("/bin/busybox")
+def verdicts(exps: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(syscall, verdict) -> finding, for refusals and capability findings alike."""
+    return {(e["syscall"], e.get("verdict", "capability")): e for e in exps}
+
+
+class TestRefusalsOnHost:
+    def test_file_capabilities_beyond_bounding_set(self, shared_dir: Path) -> None:
+        """A busybox copy with cap_net_raw+ep exec'd under capsh --drop=cap_net_raw: the kernel
+        refuses the exec (no cap_capable call); verdict file capabilities, the fix names
+        NET_RAW and setcap -r."""
+        require_tool("setcap")
+        binary = shared_dir / "fcping"
+        shutil.copy2(BUSYBOX, binary)
+        subprocess.run(["setcap", "cap_net_raw+ep", str(binary)], check=True)
+        r = capwatch(
+            "explain", "--json", "--", "capsh", "--drop=cap_net_raw", "--", "-c", str(binary)
+        )
+        e = verdicts(findings(r))[("execve", "file capabilities")]
+        assert (str(binary), "EPERM") == (e["path"], e["outcome"])
+        assert "(CAP_NET_RAW)" in e["summary"]
+        assert [
+            "start it from a shell or service whose bounding set includes CAP_NET_RAW",
+            f"setcap -r {binary} (if the program does not need them: "
+            "it then runs with what it is given)",
+        ] == [f["fix"] for f in e["fixes"]]
+        assert 126 == r.returncode
+
+    def test_setuid_binary_under_no_new_privs(self, shared_dir: Path) -> None:
+        """A setuid-root busybox run as nobody under setpriv --no-new-privs: ping's socket() is
+        refused CAP_NET_RAW; the verdict is no_new_privs, the fix drops it, not setcap."""
+        require_tool("setpriv")
+        sub = shared_dir / "suid"
+        sub.mkdir(mode=0o755)
+        binary = sub / "busybox"
+        shutil.copy2(BUSYBOX, binary)
+        binary.chmod(0o4755)
+        r = capwatch(
+            "explain",
+            "--json",
+            "--",
+            "setpriv",
+            "--no-new-privs",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            str(binary),
+            "ping",
+            "-c1",
+            "-W1",
+            "127.0.0.1",
+        )
+        e = verdicts(findings(r))[("socket", "no_new_privs")]
+        assert ("CAP_NET_RAW", "cause", "permitted") == (
+            e["capability"],
+            e["role"],
+            e["missing_from"],
+        )
+        assert "setpriv" == e["fixes"][0]["context"]
+        assert not any("setcap" in f["fix"] for f in e["fixes"])
+
+    def test_touch_of_root_owned_file(self, shared_dir: Path) -> None:
+        """touch of a root-owned 0644 file as nobody: CAP_DAC_OVERRIDE is refused in openat, but
+        the verdict is file permissions, with a chown/chmod fix and no setcap."""
+        target = shared_dir / "rootfile"
+        target.write_text("x")
+        target.chmod(0o644)
+        r = capwatch(
+            "explain",
+            "--json",
+            "--",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "touch",
+            str(target),
+        )
+        e = verdicts(findings(r))[("openat", "file permissions")]
+        assert ("CAP_DAC_OVERRIDE", "EACCES") == (e["capability"], e["outcome"])
+        assert ["file permissions"] == [f["context"] for f in e["fixes"]]
+        assert "uid 65534" in e["fixes"][0]["fix"]
+        assert 1 == r.returncode
+
+
+def watch_then(name: str, duration: float, *cmds: list[str], command: str = "explain") -> Any:
+    """capwatch COMMAND --json --container NAME; once it says it is watching (the program is
+    attached), run ``cmds`` (podman exec ...): no race with a loaded machine's compile time."""
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "capwatch.cli",
+            command,
+            "--json",
+            "--container",
+            name,
+            "--duration",
+            str(duration),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert p.stderr is not None
+    line = p.stderr.readline()  # written once the program is attached
+    assert line.startswith("capwatch: watching"), line
+    for cmd in cmds:
+        subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    out, err = p.communicate(timeout=120)
+    assert 0 == p.returncode, err
+    assert "Traceback" not in err, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.container
+class TestRefusalsInContainer:
+    def test_default_seccomp_refuses_date(self, container: Any) -> None:
+        """date -s in a container with podman's default seccomp profile: clock_settime is
+        refused by the filter before any capability check; verdict seccomp, fix --cap-add=SYS_TIME
+        (the default profile admits it then) or a profile of one's own."""
+        name = container("sleep 60")
+        exps = watch_then(name, 10, ["podman", "exec", name, "date", "-s", "2020-01-01"])
+        e = verdicts(exps)[("clock_settime", "seccomp")]
+        assert ("date", "EPERM", name) == (e["comm"], e["outcome"], e["container"])
+        assert {"fix": "podman run --cap-add=SYS_TIME ...", "context": "podman"} == e["fixes"][0]
+
+    def test_file_capabilities_beyond_container_bounding_set(
+        self, container: Any, rootfs: Path
+    ) -> None:
+        """A file-capability binary (cap_net_raw+ep) exec'd in a container started with
+        --cap-drop=NET_RAW: the exec is refused; verdict file capabilities, fix
+        podman run --cap-add=NET_RAW or setcap -r in the image."""
+        require_tool("setcap")
+        binary = rootfs / "bin" / "fcping"
+        shutil.copy2(BUSYBOX, binary)
+        subprocess.run(["setcap", "cap_net_raw+ep", str(binary)], check=True)
+        name = container("sleep 60", "--cap-drop=NET_RAW")
+        exps = watch_then(name, 10, ["podman", "exec", name, "/bin/fcping"])
+        e = verdicts(exps)[("execve", "file capabilities")]
+        assert ("/bin/fcping", "EPERM") == (e["path"], e["outcome"])
+        assert [
+            {"context": "podman", "fix": "podman run --cap-add=NET_RAW ..."},
+            {
+                "context": "image",
+                "fix": "setcap -r /bin/fcping (if the program does not need them: "
+                "it then runs with what it is given)",
+            },
+        ] == e["fixes"]
