@@ -481,6 +481,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
  * syscall leaves as they were. Written before the refusal record is sent, so
  * user space finds it when the record arrives. */
 struct cw_path {
+	s32 nr; /* the syscall that named it: a later refusal must not take it */
 	char p[256];
 };
 BPF_PERCPU_ARRAY(path_scratch, struct cw_path, 1);
@@ -512,7 +513,42 @@ static __always_inline void cw_note_path(u32 tid, s32 nr)
 		return;
 	if (bpf_probe_read_user_str(buf->p, sizeof(buf->p), (const void *)arg) <= 0)
 		return;
+	buf->nr = nr;
 	refusal_path.update(&tid, buf);
+}
+
+/* An exec's path is also kept at its entry, for the watched target only: by
+ * sys_exit a multi-threaded caller (runc's Go init) may have let the page
+ * holding the string go, and BPF cannot fault it back in. */
+static __always_inline void cw_exec_enter(const char *filename)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+#ifdef CW_FILTER_PID
+	if ((pid_tgid >> 32) != CW_FILTER_PID)
+		return;
+#endif
+#ifdef CW_FILTER_CGROUP
+	if (bpf_get_current_cgroup_id() != CW_FILTER_CGROUP)
+		return;
+#endif
+	u32 zero = 0, tid = (u32)pid_tgid;
+	struct cw_path *buf = path_scratch.lookup(&zero);
+	if (!buf || bpf_probe_read_user_str(buf->p, sizeof(buf->p), filename) <= 0)
+		return;
+	buf->nr = current_syscall();
+	refusal_path.update(&tid, buf);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+	cw_exec_enter(args->filename);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+	cw_exec_enter(args->filename);
+	return 0;
 }
 
 static __always_inline int cw_is_exec(s32 nr)

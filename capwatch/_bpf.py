@@ -328,9 +328,9 @@ class LoadedProgram:
             with contextlib.suppress(KeyError):
                 del table[table.Key(cg, cap, int(denied))]
 
-    def refusal_path(self, tid: int) -> str | None:
-        """The path named by ``tid``'s last refused execve/open-like syscall (refusals
-        mode), taken from the map: None when it named none or was not kept."""
+    def refusal_path(self, tid: int, syscall_nr: int) -> str | None:
+        """The path named by ``tid``'s refused execve/open-like syscall ``syscall_nr``
+        (refusals mode), taken from the map: None when it named none or was not kept."""
         if not self.config.refusals:
             return None
         import ctypes
@@ -338,11 +338,14 @@ class LoadedProgram:
         table = self._bpf[b"refusal_path"]
         key = ctypes.c_uint32(tid)
         try:
-            raw = bytes(table[key].p)
+            entry = table[key]
         except KeyError:
+            return None
+        if int(entry.nr) != syscall_nr:  # named by another syscall of this thread
             return None
         with contextlib.suppress(KeyError):
             del table[key]
+        raw = bytes(entry.p)
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace") or None
 
     def read_stats(self) -> dict[str, int]:

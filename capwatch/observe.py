@@ -29,6 +29,7 @@ from capwatch.containers import Attributor, ContainerNames, Workload, classify
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.events import Batch, Event, events_from_batch
 from capwatch.explain import DenialFacts, Explanation, explain, fold
+from capwatch.oci import config_sets, sets_status
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
 from capwatch.refusals import Refusal, gather, judge, tolerated_runtime, with_stand_in
@@ -45,6 +46,7 @@ class Target:
     argv: list[str] | None = None
     cgroup_dir: str | None = None  # made for a command; removed after
     cgroup_ids: set[int] = field(default_factory=set)
+    name: str = ""  # the container's name, when the user gave it (--container NAME)
 
 
 def _unified(args: argparse.Namespace) -> str:
@@ -104,7 +106,9 @@ def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
         if len(cgs) != 1:
             base["refusals"] = False  # no single cgroup to filter on in the kernel
         cfg = _bpf.ProgramConfig(filter_cgroup=next(iter(cgs)) if len(cgs) == 1 else None, **base)
-        return Target(f"container {args.container} ({short})", cfg, cgroup_ids=cgs)
+        is_id = short.startswith(args.container) or args.container.startswith(short)
+        named = "" if is_id else args.container
+        return Target(f"container {args.container} ({short})", cfg, cgroup_ids=cgs, name=named)
     raise UsageError("say what to watch: PID, --container NAME|ID, or -- COMMAND ARGS")
 
 
@@ -120,6 +124,9 @@ class _Collector:
         self.proc_root = proc_root
         # by (pid, uid, comm): a setuid() or an execve changes the sets of the same pid
         self.status: dict[tuple[int, int, str], procfs.ProcStatus | None] = {}
+        # where a status came from when not the process itself (same keys)
+        self.caps_source: dict[tuple[int, int, str], str] = {}
+        self.config_source: dict[tuple[int, int, str], str] = {}
         self.joined: list[Joined] = []
         self.allowed: dict[tuple[int, str, str], int] = {}
         self.joiner = OutcomeJoiner(self._take, on_refusal=self._refusal)
@@ -128,16 +135,41 @@ class _Collector:
         # threads whose execve the file's capabilities refused: a CAP_SYS_ADMIN
         # denial in that execve (memory accounting) is not why it failed
         self.filecap_exec: set[int] = set()
-        self.path_of: Callable[[int], str | None] = lambda _tid: None  # the program's map
+        self.path_of: Callable[[int, int], str | None] = lambda _tid, _nr: None  # BPF map
         self.exit_code = 0  # the command's, for explain -- CMD (128+N when killed by signal N)
 
     def on_batch(self, _ring: str, batch: Batch) -> None:
         for ev in events_from_batch(batch):
             if self.target.cgroup_ids and ev.cgroup_id not in self.target.cgroup_ids:
                 continue
-            if ev.denied and (ev.pid, ev.uid, ev.comm) not in self.status:
-                self.status[ev.pid, ev.uid, ev.comm] = self._status(ev) or self._stand_in_for(ev)
+            key = (ev.pid, ev.uid, ev.comm)
+            if ev.denied and key not in self.status:
+                self.status[key] = self._status(ev) or self._stand_in_for(ev)
+                if self.status[key] is None:
+                    self.status[key] = self._from_config(ev)
+                st = self.status[key]
+                if st is not None and st.pid != ev.pid:
+                    self.caps_source[key] = (
+                        f"pid {st.pid} of the same cgroup (pid {ev.pid} was gone)"
+                    )
+                elif st is not None and key in self.config_source:
+                    self.caps_source[key] = self.config_source[key]
             self.joiner.feed(ev)
+
+    def _from_config(self, ev: Event) -> procfs.ProcStatus | None:
+        """The process is gone and no other is left: its container's own configuration
+        tells the sets it started with (capwatch.oci)."""
+        w = self.attributor.resolve(ev.cgroup_id)
+        if not w.container_id:
+            return None
+        host_root = os.path.dirname(os.path.abspath(self.proc_root).rstrip("/")) or "/"
+        sets = config_sets(w.container_id, host_root=host_root)
+        if sets is None or (sets.uid != ev.uid and sets.bounding >> ev.cap & 1):
+            return None  # another user: only a bounding set that lacks the cap is telling
+        self.config_source[ev.pid, ev.uid, ev.comm] = (
+            f"the container's configuration {sets.source} (pid {ev.pid} was gone)"
+        )
+        return sets_status(sets, ev.pid, ev.comm, ev.uid)
 
     def _status(self, ev: Event) -> procfs.ProcStatus | None:
         with contextlib.suppress(CapwatchError):
@@ -158,7 +190,7 @@ class _Collector:
     def _refusal(self, ev: Event) -> None:
         """A syscall refused without a capability denial: judged with what is seen now."""
         syscall = syscall_name(ev.syscall_nr)
-        path = self.path_of(ev.tid)
+        path = self.path_of(ev.tid, ev.syscall_nr)
         if tolerated_runtime(ev.comm, syscall):
             return
         w = self.attributor.resolve(ev.cgroup_id)
@@ -171,12 +203,13 @@ class _Collector:
             path=path,
             proc_root=self.proc_root,
             kind=_kind(w),
-            container=w.container_name or w.name or "",
+            container=w.container_name or w.name or self.target.name,
             container_id=w.container_id,
             pod=w.pod,
             namespace=w.namespace,
         )
-        if facts.seccomp is None:  # gone: a live process of its cgroup shares the
+        gone = facts.seccomp is None or (facts.file is not None and not facts.file.exists)
+        if gone:  # a live process of its cgroup shares the
             st = self.stand_in(ev)  # bounding set, and in a container the seccomp filter
             if st is not None:
                 facts = with_stand_in(facts, st.pid, self.proc_root)
@@ -193,7 +226,7 @@ class _Collector:
         """The refusals, with container names learnt since they arrived."""
         for key, r in self.refusals.items():
             w = self.attributor.resolve(self.refusal_cgroup[key])
-            r.container = r.container or w.container_name or w.name or ""
+            r.container = r.container or w.container_name or w.name or self.target.name
         return list(self.refusals.values())
 
     def _stand_in_for(self, ev: Event) -> procfs.ProcStatus | None:
@@ -215,6 +248,8 @@ class _Collector:
         except OSError:
             return None
         for pid in pids:
+            if pid == ev.pid:  # the refused process itself, exiting
+                continue
             with contextlib.suppress(CapwatchError):
                 return procfs.read_status(pid, proc_root=self.proc_root)
         return None
@@ -340,7 +375,7 @@ def _explanations(col: _Collector) -> list[Explanation]:
             ),
             status=status,
             kind=_kind(w),
-            container=w.container_name or w.name or w.label,
+            container=w.container_name or w.name or col.target.name or w.label,
             pod=w.pod,
             namespace=w.namespace,
             service=w.service,
@@ -348,6 +383,7 @@ def _explanations(col: _Collector) -> list[Explanation]:
             exit_code=j.exit_code,
             uid=ev.uid,
             container_id=w.container_id,
+            caps_source=col.caps_source.get((ev.pid, ev.uid, ev.comm), ""),
         )
         seen[key] = explain(facts)
     return fold(list(seen.values()))

@@ -275,6 +275,17 @@ def judge(f: RefusalFacts) -> Refusal:
         )
         return r
 
+    if f.syscall in _EXEC and f.ret == -errno.EPERM and (fe is None or not fe.exists):
+        r.summary = (
+            "The exec was refused with EPERM and the binary could not be read (the process "
+            "was gone): the usual cause is file capabilities beyond the bounding set."
+        )
+        r.details.append(
+            f"check it with getcap {fe.path if fe else 'PATH'}; the bounding set was "
+            + ("not read" if f.cap_bnd is None else f"{f.cap_bnd:016x}")
+        )
+        return r
+
     # 2. seccomp: the filter returns EPERM before the syscall runs, so no capability
     # is ever checked.
     if f.seccomp == 2 and f.ret == -errno.EPERM:
@@ -395,23 +406,20 @@ def _file(
     for full, seen_from in candidates:
         try:
             st = os.stat(full)
-        except FileNotFoundError:
-            if os.path.exists(os.path.join(proc_root, str(pid))):
-                return FileEvidence(path, False, seen_from=seen_from)
-            continue
-        except OSError:
+        except OSError:  # gone, or a zombie whose root cannot be followed: next place
             continue
         fc = None
         with contextlib.suppress(OSError):
             parsed = file_caps(os.getxattr(full, "security.capability"))
             fc = parsed[0] if parsed else None
         return FileEvidence(path, True, st.st_mode, st.st_uid, st.st_gid, fc, seen_from)
-    return FileEvidence(path, False, seen_from="nowhere (the process was gone)")
+    alive = os.path.exists(os.path.join(proc_root, str(pid), "root"))
+    return FileEvidence(path, False, seen_from="nowhere" + ("" if alive else " (process gone)"))
 
 
 def with_stand_in(f: RefusalFacts, pid: int, proc_root: str = "/proc") -> RefusalFacts:
-    """``f`` with the status of another live process of the same cgroup (the refused
-    one is gone): it shares the container's bounding set and seccomp filter."""
+    """``f`` completed from another live process of the same cgroup (the refused one
+    is gone): it shares the container's bounding set, seccomp filter and root."""
     other = gather(
         syscall=f.syscall,
         ret=f.ret,
@@ -421,20 +429,27 @@ def with_stand_in(f: RefusalFacts, pid: int, proc_root: str = "/proc") -> Refusa
         path=None,
         proc_root=proc_root,
     )
-    if other.seccomp is None:
+    out, took = f, []
+    if f.seccomp is None and other.seccomp is not None:
+        took.append("status")
+        out = replace(
+            out,
+            seccomp=other.seccomp,
+            no_new_privs=other.no_new_privs,
+            cap_bnd=other.cap_bnd,
+            in_userns=other.in_userns,
+            lsms=other.lsms,
+        )
+    if f.file is not None and not f.file.exists:  # the same container: the same root
+        fe = _file(f.file.path, pid, proc_root, host=False, seen_as=f"the root of pid {pid}")
+        if fe.exists:
+            took.append("file")
+            out = replace(out, file=fe)
+    if not took:
         return f
-    fe = f.file
-    if fe is not None and not fe.exists:  # the same container: the same root
-        fe = _file(fe.path, pid, proc_root, host=False, seen_as=f"the root of pid {pid}")
+    what = " and ".join(took)
     return replace(
-        f,
-        file=fe,
-        seccomp=other.seccomp,
-        no_new_privs=other.no_new_privs,
-        cap_bnd=other.cap_bnd,
-        in_userns=other.in_userns,
-        lsms=other.lsms,
-        evidence_from=f"pid {pid} of the same cgroup (pid {f.pid} was gone)",
+        out, evidence_from=f"pid {pid} of the same cgroup for the {what} (pid {f.pid} was gone)"
     )
 
 

@@ -298,6 +298,9 @@ class TestRefusalsInContainer:
         subprocess.run(["setcap", "cap_net_raw+ep", str(binary)], check=True)
         name = container("sleep 60", "--cap-drop=NET_RAW")
         exps = watch_then(name, 10, ["podman", "exec", name, "/bin/fcping"])
+        assert ("execve", "file capabilities") in verdicts(exps), [
+            (e.get("path"), e.get("details")) for e in exps
+        ]
         e = verdicts(exps)[("execve", "file capabilities")]
         assert ("/bin/fcping", "EPERM") == (e["path"], e["outcome"])
         assert [
@@ -308,3 +311,26 @@ class TestRefusalsInContainer:
                 "it then runs with what it is given)",
             },
         ] == e["fixes"]
+
+
+@pytest.mark.container
+class TestShortLivedInContainer:
+    def test_container_whose_only_process_is_denied(self, container: Any, rootfs: Path) -> None:
+        """A container whose only process (date -s, its PID 1) is denied CAP_SYS_TIME and exits
+        at once: the sets are known (read in time, or from the container's config.json, which
+        the finding then names), so the fix is the podman flag only, never setcap, systemd
+        or "run as root" (issue 13, defect 4)."""
+        go = rootfs / "tmp" / f"go-{os.getpid()}"
+        name = container(
+            f"while [ ! -e /tmp/{go.name} ]; do sleep 0.1; done; exec date -s 2020-01-01",
+            "--security-opt",
+            "seccomp=unconfined",
+        )
+        try:
+            exps = watch_then(name, 6, ["touch", str(go)])
+        finally:
+            go.unlink(missing_ok=True)
+        [e] = [x for x in exps if x["capability"] == "CAP_SYS_TIME"]
+        assert ("cause", "bounding", name) == (e["role"], e["missing_from"], e["container"])
+        assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
+        assert e["caps_source"] == "" or "config.json" in e["caps_source"]

@@ -236,7 +236,21 @@ class TestGather:
         assert gone.seccomp is None
         f = with_stand_in(gone, 43, str(proc))
         r = judge(f)
-        assert ("seccomp", "(status read from pid 43 of the same cgroup (pid 99 was gone))") == (
+        assert (
+            "seccomp",
+            "(status read from pid 43 of the same cgroup for the status (pid 99 was gone))",
+        ) == (
             r.verdict,
             r.details[0],
         )
+
+
+class TestExecUnseen:
+    def test_exec_refused_binary_unread_is_not_seccomp(self) -> None:
+        """An exec refused with EPERM whose binary could not be read is not blamed on the
+        process's seccomp filter: unexplained, with the getcap hint."""
+        r = judge(facts(seccomp=2, file=FileEvidence("/bin/x", False)))
+        assert (
+            "unexplained",
+            [f"check it with getcap /bin/x; the bounding set was {FULL:016x}"],
+        ) == (r.verdict, r.details)
