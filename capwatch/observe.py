@@ -29,6 +29,7 @@ from capwatch.containers import Attributor, ContainerNames, Workload, classify
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.events import Batch, Event, events_from_batch
 from capwatch.explain import DenialFacts, Explanation, explain, fold
+from capwatch.follow import tolerate_runtime
 from capwatch.oci import config_sets, sets_status
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
@@ -403,7 +404,7 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     target = make_target(args, unique=False)
     col, _ = _observe(args, target, err)
     try:
-        exps = _explanations(col)
+        exps = tolerate_runtime(_explanations(col), col.exit_code)
         refusals = col.named_refusals()
     finally:
         col.close()

@@ -508,7 +508,17 @@ def gather(
 #: Runtime processes whose refusals set a container up and are tolerated by them
 #: (podman's setrlimit, conmon's writes, runc probing): not the workload's.
 #: Their execve refusals are kept: runc's init exec is the workload's entrypoint.
-RUNTIME_SETUP_COMMS = ("podman", "docker", "conmon", "runc", "runc:*", "crun", "containerd*")
+RUNTIME_SETUP_COMMS = (
+    "podman",
+    "docker",
+    "nerdctl",
+    "conmon",
+    "runc",
+    "runc:*",
+    "crun",
+    "containerd*",
+    "catatonit",
+)
 
 
 def tolerated_runtime(comm: str, syscall: str) -> bool:
