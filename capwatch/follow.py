@@ -152,7 +152,8 @@ class ContainerFollower:
 
 
 def tolerate_runtime(exps: list[Explanation], command_status: int) -> list[Explanation]:
-    """Denials of the runtime's own processes, when the command succeeded, are set-up
+    """Denials of the runtime's own processes, when the command succeeded (or the
+    container it started ran: pass 0 then), are set-up
     refusals that it tolerated (podman raising RLIMIT_NOFILE without CAP_SYS_RESOURCE
     goes on with the limit it has): probes, nothing to grant. When the command failed,
     they are left as they are: the runtime may be why."""
@@ -172,6 +173,7 @@ def tolerate_runtime(exps: list[Explanation], command_status: int) -> list[Expla
             "and went on without it (the command succeeded). Not the workload's; "
             "nothing to grant."
         )
+        e.details = []
         e.fixes = []
         e.warning = None
     return exps

@@ -29,7 +29,7 @@ from capwatch.containers import Attributor, ContainerNames, Workload, classify
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.events import Batch, Event, events_from_batch
 from capwatch.explain import DenialFacts, Explanation, explain, fold
-from capwatch.follow import tolerate_runtime
+from capwatch.follow import ContainerFollower, requested_name, started_runtime, tolerate_runtime
 from capwatch.oci import config_sets, sets_status
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
@@ -48,6 +48,8 @@ class Target:
     cgroup_dir: str | None = None  # made for a command; removed after
     cgroup_ids: set[int] = field(default_factory=set)
     name: str = ""  # the container's name, when the user gave it (--container NAME)
+    # explain -- podman/docker run ...: the containers the command starts are followed
+    follower: ContainerFollower | None = None
 
 
 def _unified(args: argparse.Namespace) -> str:
@@ -96,6 +98,24 @@ def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
                 f"cannot make a cgroup for the command in {root}: {exc.strerror}"
             ) from None
         cg = os.stat(d).st_ino
+        runtime = started_runtime(args.cmd) if args.command == "explain" else None
+        if runtime is not None:
+            # the container runs in a cgroup its runtime makes, not under the command's:
+            # no kernel filter; user space keeps the command's cgroup and the new
+            # container cgroups that ContainerFollower accepts
+            follower = ContainerFollower(
+                runtime, requested_name(args.cmd), known=set(walk_cgroup_tree(root))
+            )
+            cfg = _bpf.ProgramConfig(**{**base, "refusals": False})
+            return Target(
+                " ".join(args.cmd),
+                cfg,
+                args.cmd,
+                d,
+                {cg},
+                name=follower.name or "",
+                follower=follower,
+            )
         return Target(
             " ".join(args.cmd), _bpf.ProgramConfig(filter_cgroup=cg, **base), args.cmd, d, {cg}
         )
@@ -141,7 +161,11 @@ class _Collector:
 
     def on_batch(self, _ring: str, batch: Batch) -> None:
         for ev in events_from_batch(batch):
-            if self.target.cgroup_ids and ev.cgroup_id not in self.target.cgroup_ids:
+            if (
+                self.target.cgroup_ids
+                and ev.cgroup_id not in self.target.cgroup_ids
+                and not self._follow(ev)
+            ):
                 continue
             key = (ev.pid, ev.uid, ev.comm)
             if ev.denied and key not in self.status:
@@ -156,6 +180,22 @@ class _Collector:
                 elif st is not None and key in self.config_source:
                     self.caps_source[key] = self.config_source[key]
             self.joiner.feed(ev)
+
+    def _follow(self, ev: Event) -> bool:
+        """Whether ``ev``'s cgroup is a container that the watched command started."""
+        f = self.target.follower
+        if f is None or ev.cgroup_id in f.known or ev.cgroup_id in f.rejected:
+            return False
+        self.attributor.note_pid(ev.cgroup_id, ev.pid)
+        w = self.attributor.resolve(ev.cgroup_id)
+        if w.cgroup_path is None:
+            return False  # not known yet: undecided, the next event asks again
+        # a name not known yet is taken to be the one asked for: the cgroup is new
+        name = w.container_name or w.name or f.name or ""
+        if f.decide(ev.cgroup_id, w, lambda _cid: name):
+            self.target.cgroup_ids.add(ev.cgroup_id)
+            return True
+        return False
 
     def _from_config(self, ev: Event) -> procfs.ProcStatus | None:
         """The process is gone and no other is left: its container's own configuration
@@ -404,7 +444,8 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     target = make_target(args, unique=False)
     col, _ = _observe(args, target, err)
     try:
-        exps = tolerate_runtime(_explanations(col), col.exit_code)
+        started = bool(target.follower and target.follower.followed)
+        exps = tolerate_runtime(_explanations(col), 0 if started else col.exit_code)
         refusals = col.named_refusals()
     finally:
         col.close()

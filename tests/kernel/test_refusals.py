@@ -334,3 +334,37 @@ class TestShortLivedInContainer:
         assert ("cause", "bounding", name) == (e["role"], e["missing_from"], e["container"])
         assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
         assert e["caps_source"] == "" or "config.json" in e["caps_source"]
+
+
+@pytest.mark.container
+class TestExplainPodmanRun:
+    def test_the_containers_denial_not_the_runtimes(self, rootfs: Path) -> None:
+        """explain -- podman run ... date -s: the container runs in a cgroup of its own, which
+        is followed; its CAP_SYS_TIME denial is shown with the container's name and the
+        --cap-add fix, and podman's and conmon's tolerated refusals are not causes (defect 5)."""
+        name = new_name()
+        try:
+            r = capwatch(
+                "explain",
+                "--json",
+                "--",
+                *RUN,
+                "--rm",
+                "--name",
+                name,
+                "--security-opt",
+                "seccomp=unconfined",
+                "--rootfs",
+                str(rootfs),
+                "date",
+                "-s",
+                "2020-01-01",
+            )
+        finally:
+            podman_rm(name)
+        exps = findings(r)
+        [e] = [x for x in exps if x["capability"] == "CAP_SYS_TIME"]
+        assert ("cause", name, "date") == (e["role"], e["container"], e["comm"])
+        assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
+        runtime = [x for x in exps if x["comm"] in ("podman", "conmon")]
+        assert all("probe" == x["role"] for x in runtime), runtime
