@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, require_root, require_tool
+from tests.conftest import CAPWATCH, REPO, require_root, require_tool
 from tests.kernel.podman import NO_SECCOMP, RUN, busybox_rootfs, new_name, podman_rm, require_podman
 
 pytestmark = [pytest.mark.kernel]
@@ -157,10 +157,13 @@ def container(rootfs: Path) -> Iterator[Any]:
     names: list[str] = []
 
     def start(script: str, *extra: str) -> str:
+        """``script`` runs once the test touches /tmp/NAME (see watch): not before
+        capwatch is attached, however long the compile takes on a loaded machine."""
         name = new_name()
         names.append(name)
+        gated = f"while [ ! -e /tmp/{name} ]; do sleep 0.1; done; {script}"
         subprocess.run(
-            [*RUN, "-d", "--name", name, *extra, "--rootfs", str(rootfs), "sh", "-c", script],
+            [*RUN, "-d", "--name", name, *extra, "--rootfs", str(rootfs), "sh", "-c", gated],
             capture_output=True,
             text=True,
             check=True,
@@ -170,15 +173,36 @@ def container(rootfs: Path) -> Iterator[Any]:
 
     yield start
     podman_rm(*names)
+    for name in names:
+        (rootfs / "tmp" / name).unlink(missing_ok=True)
+
+
+def watch(rootfs: Path, name: str, command: str, duration: float) -> Any:
+    """capwatch COMMAND --json --container NAME, releasing the container's script (see
+    ``container``) once capwatch says it is watching."""
+    p = subprocess.Popen(
+        [*CAPWATCH, command, "--json", "--container", name, "--duration", str(duration)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert p.stderr is not None
+    line = p.stderr.readline()
+    assert line.startswith("capwatch: watching"), line
+    (rootfs / "tmp" / name).touch()
+    out, err = p.communicate(timeout=120)
+    assert 0 == p.returncode, err
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.container
 class TestContainerScenarios:
-    def test_date_in_container(self, container: Any) -> None:
+    def test_date_in_container(self, container: Any, rootfs: Path) -> None:
         """date -s in a podman container: EPERM, the container's bounding set lacks SYS_TIME,
         fix podman run --cap-add=SYS_TIME."""
-        name = container("sleep 2; date -s 2020-01-01; sleep 3", *NO_SECCOMP)
-        e = by_cap(explain_json("--container", name, "--duration", "5"))["CAP_SYS_TIME"]
+        name = container("date -s 2020-01-01; sleep 3", *NO_SECCOMP)
+        e = by_cap(watch(rootfs, name, "explain", 5))["CAP_SYS_TIME"]
         assert ("clock_settime", "EPERM", "cause", "bounding") == (
             e["syscall"],
             e["outcome"],
@@ -187,10 +211,10 @@ class TestContainerScenarios:
         )
         assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
 
-    def test_ifconfig_probe_in_container(self, container: Any) -> None:
+    def test_ifconfig_probe_in_container(self, container: Any, rootfs: Path) -> None:
         """ifconfig nosuchdev0 in a container: CAP_SYS_MODULE denied, ioctl ENODEV: a probe, no fix."""
-        name = container("sleep 2; ifconfig nosuchdev0; sleep 3")
-        e = by_cap(explain_json("--container", name, "--duration", "5"))["CAP_SYS_MODULE"]
+        name = container("ifconfig nosuchdev0; sleep 3")
+        e = by_cap(watch(rootfs, name, "explain", 5))["CAP_SYS_MODULE"]
         assert ("ioctl", "ENODEV", "probe", []) == (
             e["syscall"],
             e["outcome"],
@@ -198,34 +222,15 @@ class TestContainerScenarios:
             e["fixes"],
         )
 
-    def test_advise_port_and_chown(self, container: Any) -> None:
+    def test_advise_port_and_chown(self, container: Any, rootfs: Path) -> None:
         """A container binding port 80 and chowning a file: advise proposes NET_BIND_SERVICE and
         CHOWN; every other proposal rests on an allowed check of the workload itself."""
         name = container(
-            "sleep 2; (nc -l -p 80 &); sleep 0.5; touch /tmp/f; chown 1000 /tmp/f; sleep 3",
+            "(nc -l -p 80 &); sleep 0.5; touch /tmp/f; chown 1000 /tmp/f; sleep 3",
             "--network",
             "none",
         )
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "capwatch.cli",
-                "advise",
-                "--json",
-                "--container",
-                name,
-                "--duration",
-                "5",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-            check=False,
-        )
-        assert 0 == r.returncode, r.stderr
-        a = json.loads(r.stdout)
+        a = watch(rootfs, name, "advise", 5)
         assert {"CAP_NET_BIND_SERVICE", "CAP_CHOWN"} <= set(a["capabilities"]), a
         for cap in a["capabilities"]:
             ev = a["evidence"][cap]
