@@ -29,7 +29,15 @@ from capwatch.containers import Attributor, ContainerNames, Workload, classify
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.events import Batch, Event, events_from_batch
 from capwatch.explain import DenialFacts, Explanation, explain, fold
-from capwatch.follow import ContainerFollower, requested_name, started_runtime, tolerate_runtime
+from capwatch.follow import (
+    ContainerFollower,
+    Match,
+    match_container,
+    requested_name,
+    started_runtime,
+    tolerate_runtime,
+    wait_for,
+)
 from capwatch.oci import config_sets, sets_status
 from capwatch.outcome import Joined, OutcomeJoiner
 from capwatch.policy import Policy
@@ -59,28 +67,36 @@ def _unified(args: argparse.Namespace) -> str:
     return str(root)
 
 
-def _container_cgroups(args: argparse.Namespace, text: str) -> tuple[str, set[int]]:
+def _container_cgroups(
+    args: argparse.Namespace, text: str, err: TextIO | None = None
+) -> tuple[str, set[int]]:
     root = _unified(args)
     names = ContainerNames(background=False)
-    found: dict[int, Workload] = {}
-    for cid, path in walk_cgroup_tree(root).items():
-        w = classify(path, cid)
-        if not w.container_id or w.monitor:
-            continue
-        if (len(text) >= 3 and w.container_id.startswith(text)) or (
-            w.runtime in ("podman", "docker") and names.fetch(w.runtime, w.container_id) == text
-        ):
-            found[cid] = w
-    names.close()
-    if not found:
-        raise CapwatchError(f"no running container matches {text!r} (a name or an id prefix)")
-    ids = {w.container_id for w in found.values()}
-    if len(ids) > 1:
-        raise UsageError(f"{text!r} matches {len(ids)} containers; give more of the id")
-    return next(iter(ids))[:12], set(found)
+    wait = float(getattr(args, "wait", 0.0) or 0.0)
+
+    def poll() -> Match | None:
+        tree = {cid: classify(path, cid) for cid, path in walk_cgroup_tree(root).items()}
+        try:
+            return match_container(tree, text, lambda rt, cid: names.fetch(rt, cid) or "")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    try:
+        if wait and err is not None:
+            err.write(f"capwatch: waiting up to {wait:.0f}s for container {text} to start\n")
+            err.flush()
+        found = wait_for(poll, wait) if wait else poll()
+    finally:
+        names.close()
+    if found is None:
+        raise CapwatchError(
+            f"no running container matches {text!r} (a name or an id prefix)"
+            + (f" after waiting {wait:.0f}s" if wait else "; --wait DURATION waits for it")
+        )
+    return found.short_id, set(found.cgroups)
 
 
-def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
+def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = None) -> Target:
     base: dict[str, Any] = {
         "outcome": True,
         "emit_all": not unique and args.command == "advise",
@@ -123,7 +139,7 @@ def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
         procfs.read_status(args.pid, proc_root=args.proc_root)  # a missing pid fails here
         return Target(f"pid {args.pid}", _bpf.ProgramConfig(filter_pid=args.pid, **base))
     if args.container:
-        short, cgs = _container_cgroups(args, args.container)
+        short, cgs = _container_cgroups(args, args.container, err)
         if len(cgs) != 1:
             base["refusals"] = False  # no single cgroup to filter on in the kernel
         cfg = _bpf.ProgramConfig(filter_cgroup=next(iter(cgs)) if len(cgs) == 1 else None, **base)
@@ -441,7 +457,7 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
         _print(args, exps, out)
         return 0
-    target = make_target(args, unique=False)
+    target = make_target(args, unique=False, err=err)
     col, _ = _observe(args, target, err)
     try:
         started = bool(target.follower and target.follower.followed)
@@ -473,7 +489,7 @@ def _print(
 
 
 def run_advise(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    target = make_target(args, unique=False)
+    target = make_target(args, unique=False, err=err)
     col, took = _observe(args, target, err)
     col.close()
     obs: list[Observation] = []

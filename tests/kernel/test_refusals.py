@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, require_root, require_tool
+from tests.conftest import CAPWATCH, REPO, require_root, require_tool
 from tests.kernel.podman import (
     BUSYBOX,
     RUN,
@@ -368,3 +368,64 @@ class TestExplainPodmanRun:
         assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
         runtime = [x for x in exps if x["comm"] in ("podman", "conmon")]
         assert all("probe" == x["role"] for x in runtime), runtime
+
+
+@pytest.mark.container
+class TestWaitForContainer:
+    def test_explain_waits_for_a_container_started_after_it(self, rootfs: Path) -> None:
+        """explain --container NAME --wait: started before the container, it waits, then
+        watches it and explains its denial (defect 6)."""
+        name = new_name()
+        script = "date -s 2020-01-01; sleep 5"
+        p = subprocess.Popen(
+            [
+                *CAPWATCH,
+                "explain",
+                "--json",
+                "--container",
+                name,
+                "--wait",
+                "60",
+                "--duration",
+                "8",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        try:
+            assert p.stderr is not None
+            assert p.stderr.readline().startswith(
+                f"capwatch: waiting up to 60s for container {name}"
+            )
+            go = rootfs / "tmp" / name
+            subprocess.run(
+                [
+                    *RUN,
+                    "-d",
+                    "--name",
+                    name,
+                    *("--security-opt", "seccomp=unconfined", "--rootfs", str(rootfs)),
+                    *("sh", "-c", f"while [ ! -e /tmp/{name} ]; do sleep 0.1; done; {script}"),
+                ],
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            assert p.stderr.readline().startswith("capwatch: watching container")
+            go.touch()
+            out, err = p.communicate(timeout=120)
+        finally:
+            podman_rm(name)
+            (rootfs / "tmp" / name).unlink(missing_ok=True)
+        assert 0 == p.returncode, err
+        exps = json.loads(out.strip().splitlines()[-1])
+        [e] = [x for x in exps if x["capability"] == "CAP_SYS_TIME"]
+        assert ("cause", name) == (e["role"], e["container"])
+
+    def test_without_wait_says_how_to_wait(self) -> None:
+        """No such container and no --wait: one line that names --wait, exit 1."""
+        r = capwatch("explain", "--container", "capwatch-no-such-container-x")
+        assert (1, 1) == (r.returncode, len(r.stderr.splitlines()))
+        assert "--wait DURATION waits for it" in r.stderr
