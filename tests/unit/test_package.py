@@ -61,7 +61,5 @@ def test_bpf_source_is_clang_formatted() -> None:
         pytest.skip("clang-format is not installed (deploy/host-setup.sh installs it)")
     bpf = PKG.parent / "bpf"
     files = sorted(str(p) for p in bpf.glob("*.[ch]"))
-    r = subprocess.run(
-        [cf, "--dry-run", "-Werror", *files], capture_output=True, text=True, check=False
-    )
+    r = subprocess.run([cf, "--dry-run", "-Werror", *files], capture_output=True, text=True, check=False)
     assert 0 == r.returncode, r.stderr[-2000:]
