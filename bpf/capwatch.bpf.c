@@ -12,6 +12,10 @@
  *   CW_UNIQUE          send only the first allowed check of each distinct tuple
  *   CW_FILTER_PID, CW_FILTER_CAP, CW_FILTER_CGROUP   restrict what is sent
  *                      (never what is counted)
+ *   CW_OUTCOME         each denial's syscall result; process exit status after
+ *                      a denial in a send-family syscall that succeeded
+ *   CW_REFUSALS        EPERM/EACCES without a capability denial, for the
+ *                      filtered target only (needs CW_OUTCOME and a filter)
  *   CW_DENIAL_PAGES, CW_CHECK_PAGES  ring sizes in pages (powers of two)
  *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(cgroup, tgid, cap, syscall) denial rate limit
  *   CW_CG_BURST        per-cgroup denial budget (same window)
@@ -487,10 +491,219 @@ static __always_inline int cw_sys_exit(s64 ret)
 	return 0;
 }
 
+/* ---- Refusals that the syscall's return does not tell (issue 13) ---- */
+
+/* Asynchronous refusals: rtnetlink, genetlink and nfnetlink check
+ * capabilities inside sendmsg() and put the -EPERM into the NLMSG_ERROR reply
+ * that a later recvmsg() reads; sendmsg itself returns the byte count
+ * (net/netlink/af_netlink.c netlink_rcv_skb -> netlink_ack, Linux 2.6.x to
+ * 6.18). Reading the reply would mean reading skb payloads; instead a process
+ * with a denial inside a send-family syscall that succeeded is remembered
+ * here, and its exit_group() status is sent (CW_F_EXIT) when it exits. */
+BPF_TABLE("lru_hash", u32, u8, asyncwait, 4096);
+
+static __always_inline int cw_is_send(s32 nr)
+{
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	/* write, writev, sendto, sendmsg, sendmmsg */
+	return nr == 1 || nr == 20 || nr == 44 || nr == 46 || nr == 307;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	return nr == 64 || nr == 66 || nr == 206 || nr == 211 || nr == 269;
+#else
+	return 0;
+#endif
+}
+
+static __always_inline void cw_async_note(s64 ret)
+{
+	u32 zero = 0;
+	if (ret < 0)
+		return;
+	u64 *g = pending_gate.lookup(&zero);
+	if (!g || *g == 0)
+		return;
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tid = (u32)pid_tgid;
+	if (!pending.lookup(&tid) || !cw_is_send(current_syscall()))
+		return;
+	u32 tgid = pid_tgid >> 32;
+	u8 one = 1;
+	asyncwait.update(&tgid, &one);
+}
+
+/* syscalls:sys_enter_exit_group: runs once per exiting process, not per
+ * syscall, so the common case costs one hash delete at process exit. */
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tgid = pid_tgid >> 32;
+	if (asyncwait.delete(&tgid) != 0)
+		return 0;
+	struct cw_event *e = denials.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		stat_inc(CW_STAT_LOST_OUTCOMES);
+		return 0;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->pid = tgid;
+	e->tid = (u32)pid_tgid;
+	e->uid = (u32)bpf_get_current_uid_gid();
+	e->cap = -1;
+	e->syscall_nr = current_syscall();
+	e->ret = (s32)(args->error_code & 0xff);
+	e->flags = CW_F_OUTCOME | CW_F_EXIT;
+	e->suppressed = 0;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	denials.ringbuf_submit(e, 0);
+	return 0;
+}
+
+#ifdef CW_REFUSALS
+/* For the watched target only (explain, advise): a syscall that ends in EPERM
+ * or EACCES without a capability denial in it (seccomp, file capabilities
+ * beyond the bounding set at execve, no_new_privs, an LSM, file modes). The
+ * return value is compared first, so other syscalls pay one compare. */
+#if !defined(CW_FILTER_CGROUP) && !defined(CW_FILTER_PID)
+#error "CW_REFUSALS needs CW_FILTER_CGROUP or CW_FILTER_PID: nothing else may pay for it"
+#endif
+/* The path a refused execve/open-like syscall named, by thread: read from the
+ * user registers saved at syscall entry (pt_regs is ABI), which a failed
+ * syscall leaves as they were. Written before the refusal record is sent, so
+ * user space finds it when the record arrives. */
+struct cw_path {
+	s32 nr; /* the syscall that named it: a later refusal must not take it */
+	char p[256];
+};
+BPF_PERCPU_ARRAY(path_scratch, struct cw_path, 1);
+BPF_TABLE("lru_hash", u32, struct cw_path, refusal_path, 1024);
+
+static __always_inline void cw_note_path(u32 tid, s32 nr)
+{
+	u32 zero = 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	u64 arg = 0;
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	/* first argument: execve, open, creat, mkdir, unlink, truncate, chmod;
+	 * second (after a dirfd): execveat, openat, mkdirat, unlinkat, fchmodat, openat2 */
+	if (nr == 59 || nr == 2 || nr == 85 || nr == 83 || nr == 87 || nr == 76 || nr == 90)
+		arg = regs->di;
+	else if (nr == 322 || nr == 257 || nr == 258 || nr == 263 || nr == 268 || nr == 437)
+		arg = regs->si;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	if (nr == 221 || nr == 45) /* execve, truncate */
+		arg = regs->regs[0];
+	else if (nr == 281 || nr == 56 || nr == 34 || nr == 35 || nr == 53 || nr == 437)
+		arg = regs->regs[1];
+#endif
+	if (!arg)
+		return;
+	struct cw_path *buf = path_scratch.lookup(&zero);
+	if (!buf)
+		return;
+	if (bpf_probe_read_user_str(buf->p, sizeof(buf->p), (const void *)arg) <= 0)
+		return;
+	buf->nr = nr;
+	refusal_path.update(&tid, buf);
+}
+
+/* An exec's path is also kept at its entry, for the watched target only: by
+ * sys_exit a multi-threaded caller (runc's Go init) may have let the page
+ * holding the string go, and BPF cannot fault it back in. */
+static __always_inline void cw_exec_enter(const char *filename)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+#ifdef CW_FILTER_PID
+	if ((pid_tgid >> 32) != CW_FILTER_PID)
+		return;
+#endif
+#ifdef CW_FILTER_CGROUP
+	if (bpf_get_current_cgroup_id() != CW_FILTER_CGROUP)
+		return;
+#endif
+	u32 zero = 0, tid = (u32)pid_tgid;
+	struct cw_path *buf = path_scratch.lookup(&zero);
+	if (!buf || bpf_probe_read_user_str(buf->p, sizeof(buf->p), filename) <= 0)
+		return;
+	buf->nr = current_syscall();
+	refusal_path.update(&tid, buf);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+	cw_exec_enter(args->filename);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+	cw_exec_enter(args->filename);
+	return 0;
+}
+
+static __always_inline int cw_is_exec(s32 nr)
+{
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	return nr == 59 || nr == 322;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	return nr == 221 || nr == 281;
+#else
+	return 0;
+#endif
+}
+
+static __always_inline void cw_refusal(s64 ret)
+{
+	if (ret != -1 && ret != -13) /* -EPERM, -EACCES */
+		return;
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+#ifdef CW_FILTER_PID
+	if ((pid_tgid >> 32) != CW_FILTER_PID)
+		return;
+#endif
+	u64 cg = bpf_get_current_cgroup_id();
+#ifdef CW_FILTER_CGROUP
+	if (cg != CW_FILTER_CGROUP)
+		return;
+#endif
+	u32 tid = (u32)pid_tgid;
+	s32 nr = current_syscall();
+	/* A denial in it: its outcome record follows. Except for execve, whose
+	 * CAP_SYS_ADMIN check in memory accounting is no reason for an EPERM that
+	 * file capabilities caused: the refusal is sent too, with its path. */
+	if (!cw_is_exec(nr) && pending.lookup(&tid))
+		return;
+	struct cw_event *e = denials.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		stat_inc(CW_STAT_LOST_OUTCOMES);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = cg;
+	e->pid = pid_tgid >> 32;
+	e->tid = tid;
+	e->uid = (u32)bpf_get_current_uid_gid();
+	e->cap = -1;
+	e->syscall_nr = nr;
+	cw_note_path(tid, nr);
+	e->ret = (s32)ret;
+	e->flags = CW_F_OUTCOME | CW_F_REFUSAL;
+	e->suppressed = 0;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	denials.ringbuf_submit(e, 0);
+}
+#endif
+/* ---- end of issue 13's block ---- */
+
 /* raw_syscalls:sys_exit (args: regs, ret). A raw tracepoint costs less than
  * the regular one; both exist since Linux 4.17 / 2.6.x. */
 RAW_TRACEPOINT_PROBE(sys_exit)
 {
+#ifdef CW_REFUSALS
+	cw_refusal((s64)ctx->args[1]);
+#endif
+	cw_async_note((s64)ctx->args[1]);
 	return cw_sys_exit((s64)ctx->args[1]);
 }
 #endif

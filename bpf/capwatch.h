@@ -17,6 +17,16 @@
 /* Not a check: the return value (ret) of the syscall in which this thread's
  * preceding denials happened (--outcome). */
 #define CW_F_OUTCOME 0x40
+/* Refusal records (issue 13), sent with CW_F_OUTCOME set so that a consumer
+ * that ignores outcome records ignores these too:
+ *   CW_F_EXIT     ret is the exit_group() status of a process that earlier had
+ *                 a denial inside a send-family syscall that succeeded (netlink
+ *                 reports its errors in the reply, not in sendmsg's return).
+ *   CW_F_REFUSAL  a syscall of the watched target ended in EPERM or EACCES
+ *                 with no capability denied in it (CW_REFUSALS); ret is its
+ *                 return value. */
+#define CW_F_EXIT 0x100
+#define CW_F_REFUSAL 0x200
 
 struct cw_event {
 	__u64 ts_ns;	 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

@@ -74,6 +74,7 @@ class Check:
     userns: bool | None = None
     suppressed: int = 0  # denials of this key the kernel rate-limited since its last event
     ret: int | None = None  # the syscall's result, when joined and known
+    exit_code: int | None = None  # the process's exit status (asynchronous refusals)
     joined: bool = False  # whether outcomes were joined (--outcome)
     rule: str | None = None  # what made a denial expected (a policy rule, outcome:ENODEV)
     status: ProcStatus | None = field(default=None, compare=False)  # sets read at the denial
@@ -96,7 +97,9 @@ class Check:
 
     @property
     def role(self) -> str | None:
-        return role_of(self.ret) if self.joined else None
+        """cause | probe | unknown; a send-family denial whose syscall succeeded is
+        never a probe (netlink answers in the reply): see diagnose.outcome.role_of."""
+        return role_of(self.ret, self.syscall, self.exit_code) if self.joined else None
 
     @property
     def expected(self) -> bool | None:
@@ -140,6 +143,8 @@ class Check:
             rec["outcome"], rec["role"] = self.outcome, self.role
             if self.ret is not None:
                 rec["syscall_ret"] = self.ret
+            if self.exit_code is not None:
+                rec["exit_code"] = self.exit_code
         if self.denied:
             rec["expected"], rec["rule"] = self.expected, self.rule
         if self.service:
@@ -186,6 +191,7 @@ class Check:
                 userns=_opt_bool(rec.get("userns")),
                 suppressed=int(rec.get("suppressed", 0)),
                 ret=None if ret is None else int(ret),
+                exit_code=None if rec.get("exit_code") is None else int(rec["exit_code"]),
                 joined="outcome" in rec,
                 rule=None if rec.get("rule") is None else str(rec["rule"]),
                 status=_status_from(rec),
@@ -241,6 +247,9 @@ def facts_of(c: Check, *, count: int | None = None) -> DenialFacts:
         service=c.service,
         userns=c.userns,
         count=c.count if count is None else count,
+        exit_code=c.exit_code,
+        uid=c.uid,
+        container_id=c.container_id,
     )
 
 
@@ -269,18 +278,20 @@ class StatusSnapshots:
     def __init__(self, read: Callable[[Event], ProcStatus | None], *, limit: int = 4096) -> None:
         self._read = read
         self._limit = limit
-        self._by_pid: OrderedDict[int, ProcStatus | None] = OrderedDict()
+        # by (pid, uid, comm): a setuid() or an execve changes the sets of one pid
+        self._seen: OrderedDict[tuple[int, int, str], ProcStatus | None] = OrderedDict()
 
     def take(self, ev: Event) -> None:
-        if ev.pid in self._by_pid:
-            self._by_pid.move_to_end(ev.pid)
+        key = (ev.pid, ev.uid, ev.comm)
+        if key in self._seen:
+            self._seen.move_to_end(key)
             return
-        self._by_pid[ev.pid] = self._read(ev)
-        if len(self._by_pid) > self._limit:
-            self._by_pid.popitem(last=False)
+        self._seen[key] = self._read(ev)
+        if len(self._seen) > self._limit:
+            self._seen.popitem(last=False)
 
-    def get(self, pid: int) -> ProcStatus | None:
-        return self._by_pid.get(pid)
+    def get(self, pid: int, uid: int, comm: str) -> ProcStatus | None:
+        return self._seen.get((pid, uid, comm))
 
 
 class Pipeline:
@@ -300,6 +311,7 @@ class Pipeline:
         unique: bool = False,
         classify_allowed: bool = False,
         snapshot: Callable[[Event], ProcStatus | None] | None = None,
+        on_refusal: Callable[[Event], None] | None = None,
         note_pid: Callable[[int, int], None] | None = None,
         k8s: bool = False,
         clock: Clock | None = None,
@@ -328,7 +340,7 @@ class Pipeline:
             k8s=k8s,
             clock=lambda: self._monotonic_ns() / 1e9,
         )
-        self.joiner = OutcomeJoiner(self._emit) if outcome else None
+        self.joiner = OutcomeJoiner(self._emit, on_refusal=on_refusal) if outcome else None
 
     # -- the event path --------------------------------------------------------
 
@@ -412,9 +424,14 @@ class Pipeline:
             userns=ev.in_userns,
             suppressed=ev.suppressed,
             ret=j.ret if joined else None,
+            exit_code=j.exit_code if joined else None,
             joined=joined,
             rule=rule,
-            status=self.snapshots.get(ev.pid) if self.snapshots is not None and ev.denied else None,
+            status=(
+                self.snapshots.get(ev.pid, ev.uid, ev.comm)
+                if self.snapshots is not None and ev.denied
+                else None
+            ),
         )
 
     # -- time ----------------------------------------------------------------

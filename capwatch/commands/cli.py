@@ -168,6 +168,13 @@ def _build_parser() -> _Parser:
         )
         ex.add_argument("--container", help="watch this container (name or id prefix)")
         ex.add_argument(
+            "--wait",
+            type=duration,
+            default=0.0,
+            metavar="DURATION",
+            help="with --container: wait this long for it to start (default: it must run)",
+        )
+        ex.add_argument(
             "--duration",
             type=duration,
             default=10.0 if name == "explain" else 30.0,

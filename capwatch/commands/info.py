@@ -21,7 +21,7 @@ def cmd_decode(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         out.write(json.dumps(dec.to_dict()) + "\n")
         return 0
-    out.write(f"mask 0x{dec.mask:016x}: {len(dec.present)} of {len(CAPS)} capabilities\n")
+    out.write(f"mask 0x{dec.mask:016x}: {dec.headline()}\n")
     for c in CAPS:
         mark = "+" if c.number in dec.present else "-"
         out.write(f"  {mark} {c.number:>2} {c.name:<24} {c.summary}\n")

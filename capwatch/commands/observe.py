@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from capwatch.attribution.cgroups import cgroup_owners, find_cgroup2_mount, walk_cgroup_tree
@@ -29,13 +29,25 @@ from capwatch.attribution.containers import (
     as_containerd,
     classify,
 )
+from capwatch.attribution.oci import config_sets, sets_status
 from capwatch.attribution.runtime_api import ContainerdTask, daemon_run
 from capwatch.commands import runcmd
 from capwatch.decode import procfs
 from capwatch.decode.events import Event
+from capwatch.decode.syscalls import syscall_name
 from capwatch.diagnose.advise import Advice, Observation, advise
-from capwatch.diagnose.explain import Explanation, explain
+from capwatch.diagnose.explain import Explanation, explain, fold
+from capwatch.diagnose.follow import (
+    ContainerFollower,
+    Match,
+    match_container,
+    requested_name,
+    started_runtime,
+    tolerate_runtime,
+    wait_for,
+)
 from capwatch.diagnose.policy import Policy
+from capwatch.diagnose.refusals import Refusal, gather, judge, tolerated_runtime, with_stand_in
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.kernel import bpf as _bpf
 from capwatch.kernel.session import Session, stop_on_signals
@@ -51,6 +63,9 @@ class Target:
     argv: list[str] | None = None
     cgroup_dir: runcmd.CommandCgroup | None = None  # made for a command; removed after
     cgroup_ids: set[int] = field(default_factory=set)
+    name: str = ""  # the container's name, when the user gave it (--container NAME)
+    # explain -- podman/docker run ...: the containers the command starts are followed
+    follower: ContainerFollower | None = None
 
 
 def _unified(args: argparse.Namespace) -> str:
@@ -60,43 +75,70 @@ def _unified(args: argparse.Namespace) -> str:
     return str(root)
 
 
-def _container_cgroups(args: argparse.Namespace, text: str) -> tuple[str, set[int]]:
-    root = _unified(args)
-    names = ContainerNames(background=False)
-    found: dict[int, Workload] = {}
+def _tree(root: str, names: ContainerNames) -> dict[int, Workload]:
+    """Every cgroup as attribution sees it (owners checked; ctr's containers named)."""
+    out: dict[int, Workload] = {}
     for cid, path in walk_cgroup_tree(root).items():
         w = classify(path, cid, owners=cgroup_owners(root, path))
         if w.kind == "unknown" and isinstance(task := names.containerd_task(path), ContainerdTask):
             w = as_containerd(w, task)  # ctr run: /<namespace>/<id>
-        if not w.container_id or w.monitor:
-            continue
-        if (
-            (len(text) >= 3 and w.container_id.startswith(text))
-            or (w.runtime == "containerd" and text in (w.name, w.container_id))
-            or (
-                w.runtime in ("podman", "docker")
-                and names.fetch(w.runtime, w.container_id) == text
+        out[cid] = w
+    return out
+
+
+def _container_cgroups(
+    args: argparse.Namespace, text: str, err: TextIO | None = None
+) -> tuple[str, set[int]]:
+    root = _unified(args)
+    names = ContainerNames(background=False)
+    wait = float(getattr(args, "wait", 0.0) or 0.0)
+
+    def poll() -> Match | None:
+        try:
+            return match_container(
+                _tree(root, names), text, lambda rt, cid: names.fetch(rt, cid) or ""
             )
-        ):
-            found[cid] = w
-    names.close()
-    if not found:
-        raise CapwatchError(f"no running container matches {text!r} (a name or an id prefix)")
-    ids = {w.container_id for w in found.values()}
-    if len(ids) > 1:
-        raise UsageError(f"{text!r} matches {len(ids)} containers; give more of the id")
-    return next(iter(ids))[:12], set(found)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    try:
+        if wait and err is not None:
+            err.write(f"capwatch: waiting up to {wait:.0f}s for container {text} to start\n")
+            err.flush()
+        found = wait_for(poll, wait) if wait else poll()
+    finally:
+        names.close()
+    if found is None:
+        raise CapwatchError(
+            f"no running container matches {text!r} (a name or an id prefix)"
+            + (f" after waiting {wait:.0f}s" if wait else "; --wait DURATION waits for it")
+        )
+    return found.short_id, set(found.cgroups)
 
 
-def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
+def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = None) -> Target:
     base: dict[str, Any] = {
         "outcome": True,
         "emit_all": not unique and args.command == "advise",
         "unique": unique,
     }
+    if args.command == "explain":
+        base["refusals"] = True  # only with a cgroup or pid filter (below)
     if args.cmd:
-        made = runcmd.make_command_cgroup(_unified(args), proc_root=args.proc_root)
+        root = _unified(args)
+        made = runcmd.make_command_cgroup(root, proc_root=args.proc_root)
         cg = made.cgroup_id
+        runtime = started_runtime(args.cmd) if args.command == "explain" else None
+        if runtime is not None:
+            # the container runs in a cgroup its runtime makes, not under the command's:
+            # no kernel filter; user space keeps the command's cgroup and the new
+            # container cgroups that ContainerFollower accepts
+            follower = ContainerFollower(
+                runtime, requested_name(args.cmd), known=set(walk_cgroup_tree(root))
+            )
+            cfg = _bpf.ProgramConfig(**{**base, "refusals": False})
+            label = " ".join(args.cmd)
+            return Target(label, cfg, args.cmd, made, {cg}, follower.name or "", follower)
         return Target(
             " ".join(args.cmd), _bpf.ProgramConfig(filter_cgroup=cg, **base), args.cmd, made, {cg}
         )
@@ -104,9 +146,13 @@ def make_target(args: argparse.Namespace, *, unique: bool) -> Target:
         procfs.read_status(args.pid, proc_root=args.proc_root)  # a missing pid fails here
         return Target(f"pid {args.pid}", _bpf.ProgramConfig(filter_pid=args.pid, **base))
     if args.container:
-        short, cgs = _container_cgroups(args, args.container)
+        short, cgs = _container_cgroups(args, args.container, err)
+        if len(cgs) != 1:
+            base["refusals"] = False  # no single cgroup to filter on in the kernel
         cfg = _bpf.ProgramConfig(filter_cgroup=next(iter(cgs)) if len(cgs) == 1 else None, **base)
-        return Target(f"container {args.container} ({short})", cfg, cgroup_ids=cgs)
+        is_id = short.startswith(args.container) or args.container.startswith(short)
+        named = "" if is_id else args.container
+        return Target(f"container {args.container} ({short})", cfg, cgroup_ids=cgs, name=named)
     raise UsageError("say what to watch: PID, --container NAME|ID, or -- COMMAND ARGS")
 
 
@@ -117,6 +163,14 @@ class Findings:
     def __init__(self) -> None:
         self.denials: list[Check] = []
         self.allowed: dict[tuple[int, str, str, str | None], int] = {}
+        # where a denying process's sets came from when not the process itself
+        self.caps_source: dict[tuple[int, int, str], str] = {}
+        self.refusals: dict[tuple[Any, ...], Refusal] = {}
+        self.refusal_cgroup: dict[tuple[Any, ...], int] = {}
+        # threads whose execve the file's capabilities refused: a CAP_SYS_ADMIN
+        # denial in that execve (memory accounting) is not why it failed
+        self.filecap_exec: set[int] = set()
+        self.exit_code = 0  # the command's, for explain -- CMD (128+N when killed by signal N)
 
     def write(self, check: Check) -> None:
         if check.denied:
@@ -133,25 +187,42 @@ class Findings:
 
 
 def _snapshot(
-    attributor: Attributor, proc_root: str
+    attributor: Attributor, proc_root: str, col: Findings
 ) -> Callable[[Event], procfs.ProcStatus | None]:
-    """The denying process's sets; a process already gone is stood in for by a
-    live process of its cgroup, which shares its bounding set, and only when
-    that set lacks the capability (the other sets are the dead process's own)."""
+    """The denying process's sets, read on arrival. A process already gone is stood
+    in for by a live process of its cgroup, which shares its bounding set (used only
+    when that set lacks the capability: the other sets are the dead process's own),
+    else by its container's own configuration (capwatch.attribution.oci); the
+    finding says which."""
     own = status_of(proc_root)
 
     def read(ev: Event) -> procfs.ProcStatus | None:
         st = own(ev)
         if st is not None:
             return st
+        key = (ev.pid, ev.uid, ev.comm)
         other = _stand_in(attributor, proc_root, ev)
-        return other if other is not None and not other.cap_bnd >> ev.cap & 1 else None
+        if other is not None and not other.cap_bnd >> ev.cap & 1:
+            col.caps_source[key] = f"pid {other.pid} of the same cgroup (pid {ev.pid} was gone)"
+            return other
+        w = attributor.resolve(ev.cgroup_id)
+        if not w.container_id:
+            return None
+        host_root = os.path.dirname(os.path.abspath(proc_root).rstrip("/")) or "/"
+        sets = config_sets(w.container_id, host_root=host_root)
+        if sets is None or (sets.uid != ev.uid and sets.bounding >> ev.cap & 1):
+            return None  # another user: only a bounding set that lacks the cap is telling
+        col.caps_source[key] = (
+            f"the container's configuration {sets.source} (pid {ev.pid} was gone)"
+        )
+        return sets_status(sets, ev.pid, ev.comm, ev.uid)
 
     return read
 
 
 def _stand_in(attributor: Attributor, proc_root: str, ev: Event) -> procfs.ProcStatus | None:
-    """A live process of the same cgroup: it shares the bounding set."""
+    """A live process of the same cgroup (not the refused one, exiting): it shares
+    the bounding set, the seccomp filter and the root."""
     w = attributor.resolve(ev.cgroup_id)
     root = attributor.cgroup_root
     if w.cgroup_path is None or root is None:
@@ -162,9 +233,78 @@ def _stand_in(attributor: Attributor, proc_root: str, ev: Event) -> procfs.ProcS
     except OSError:
         return None
     for pid in pids:
+        if pid == ev.pid:
+            continue
         with contextlib.suppress(CapwatchError):
             return procfs.read_status(pid, proc_root=proc_root)
     return None
+
+
+def _refusal_handler(
+    col: Findings,
+    attributor: Attributor,
+    target: Target,
+    proc_root: str,
+    path_of: Callable[[int, int], str | None],
+) -> Callable[[Event], None]:
+    """A syscall refused without a capability denial: judged with what is seen now."""
+
+    def on_refusal(ev: Event) -> None:
+        syscall = syscall_name(ev.syscall_nr)
+        path = path_of(ev.tid, ev.syscall_nr)
+        if tolerated_runtime(ev.comm, syscall):
+            return
+        w = attributor.resolve(ev.cgroup_id)
+        facts = gather(
+            syscall=syscall,
+            ret=ev.ret,
+            comm=ev.comm,
+            pid=ev.pid,
+            uid=ev.uid,
+            path=path,
+            proc_root=proc_root,
+            kind="kubernetes" if w.kind == "kubernetes" or w.pod else (w.runtime or w.kind),
+            container=w.container_name or w.name or target.name,
+            container_id=w.container_id,
+            pod=w.pod,
+            namespace=w.namespace,
+        )
+        gone = facts.seccomp is None or (facts.file is not None and not facts.file.exists)
+        if gone:  # a live process of its cgroup shares the bounding set and, in a
+            st = _stand_in(attributor, proc_root, ev)  # container, the seccomp filter
+            if st is not None:
+                facts = with_stand_in(facts, st.pid, proc_root)
+        key = (ev.comm, syscall, ev.ret, path)
+        if key in col.refusals:
+            col.refusals[key].count += 1
+        else:
+            col.refusals[key] = judge(facts)
+            col.refusal_cgroup[key] = ev.cgroup_id
+        if col.refusals[key].verdict == "file capabilities":
+            col.filecap_exec.add(ev.tid)
+
+    return on_refusal
+
+
+def _follow(target: Target, attributor: Attributor) -> Callable[[Event], bool]:
+    """Whether an event's cgroup is a container that the watched command started."""
+
+    def follow(ev: Event) -> bool:
+        f = target.follower
+        if f is None or ev.cgroup_id in f.known or ev.cgroup_id in f.rejected:
+            return False
+        attributor.note_pid(ev.cgroup_id, ev.pid)
+        w = attributor.resolve(ev.cgroup_id)
+        if w.cgroup_path is None:
+            return False  # not known yet: undecided, the next event asks again
+        # a name not known yet is taken to be the one asked for: the cgroup is new
+        name = w.container_name or w.name or f.name or ""
+        if f.decide(ev.cgroup_id, w, lambda _cid: name):
+            target.cgroup_ids.add(ev.cgroup_id)
+            return True
+        return False
+
+    return follow
 
 
 @dataclass
@@ -191,25 +331,33 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
         attributor.resolve(cg)
     col = Findings()
     cgroups = target.cgroup_ids
-    pipeline = Pipeline(
-        attributor.resolve,
-        [col],
-        policy=policy,
-        outcome=True,
-        accept=(lambda ev: ev.cgroup_id in cgroups) if cgroups else None,
-        classify_allowed=True,
-        snapshot=_snapshot(attributor, args.proc_root),
-        note_pid=attributor.note_pid,
-    )
+    follow = _follow(target, attributor)
     try:
         session = Session(target.config, args.attach, kernel_headers=args.kernel_headers)
     except BaseException:
         attributor.close()
         raise
+    pipeline = Pipeline(
+        attributor.resolve,
+        [col],
+        policy=policy,
+        outcome=True,
+        accept=(lambda ev: ev.cgroup_id in cgroups or follow(ev)) if cgroups else None,
+        classify_allowed=True,
+        snapshot=_snapshot(attributor, args.proc_root, col),
+        on_refusal=_refusal_handler(
+            col, attributor, target, args.proc_root, session.program.refusal_path
+        ),
+        note_pid=attributor.note_pid,
+    )
     t0 = time.monotonic()
     child: subprocess.Popen[bytes] | None = None
     try:
-        if target.argv is not None and (daemon := daemon_run(target.argv)):
+        if (
+            target.argv is not None
+            and target.follower is None
+            and (daemon := daemon_run(target.argv))
+        ):
             err.write(
                 f"capwatch: note: {daemon} runs this container, not the command: its"
                 f" denials are not watched here; use {args.command} --container NAME\n"
@@ -257,21 +405,51 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
             child.wait()
         session.close()
     if child is not None and child.returncode:
+        rc = child.returncode
+        col.exit_code = rc if rc > 0 else 128 - rc
         err.write(
             f"capwatch: {target.argv[0] if target.argv else ''} exited with {child.returncode}\n"
         )
     return Observed(col, time.monotonic() - t0, child.returncode if child is not None else None)
 
 
-def _explanations(col: Findings) -> list[Explanation]:
+def _explanations(col: Findings, target: Target) -> list[Explanation]:
     seen: dict[tuple[Any, ...], Explanation] = {}
     for c in col.denials:
-        key = (c.comm, c.cap, c.syscall, c.outcome)
+        key = (c.comm, c.cap, c.syscall, c.outcome, c.role)
         if key in seen:
             seen[key].count += 1
             continue
-        seen[key] = explain(facts_of(c, count=1))
-    return list(seen.values())
+        facts = facts_of(c, count=1)
+        explained_by_file = (
+            c.tid in col.filecap_exec and c.syscall in ("execve", "execveat") and c.cap == 21
+        )
+        facts = replace(
+            facts,
+            ret=None if explained_by_file else facts.ret,
+            known_probe=(
+                "memory accounting; the exec failed for the file's capabilities"
+                if explained_by_file
+                else facts.known_probe
+            ),
+            container=c.container_name
+            or (target.name if c.kind != "host" else "")
+            or facts.container,
+            caps_source=col.caps_source.get((c.pid, c.uid, c.comm), ""),
+        )
+        seen[key] = explain(facts)
+    return fold(list(seen.values()))
+
+
+def _named_refusals(
+    col: Findings, target: Target, attributor_names: dict[int, str]
+) -> list[Refusal]:
+    """The refusals, with container names learnt since they arrived."""
+    for key, r in col.refusals.items():
+        r.container = (
+            r.container or attributor_names.get(col.refusal_cgroup[key], "") or target.name
+        )
+    return list(col.refusals.values())
 
 
 def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -285,27 +463,38 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             )
         _print(args, exps, out)
         return 0
-    target = make_target(args, unique=False)
-    exps = _explanations(_observe(args, target, err).collector)
-    if not exps:
+    target = make_target(args, unique=False, err=err)
+    seen = _observe(args, target, err)
+    col = seen.collector
+    started = bool(target.follower and target.follower.followed)
+    exps = tolerate_runtime(_explanations(col, target), 0 if started else col.exit_code)
+    names = {c.cgroup_id: c.container_name or "" for c in col.denials}
+    refusals = _named_refusals(col, target, names)
+    if not exps and not refusals:
         out.write("" if args.json else f"no capability was denied to {target.label}\n")
         if args.json:
             out.write("[]\n")
-        return 0
+        return col.exit_code
     exps.sort(key=lambda e: {"cause": 0, "unknown": 1, "probe": 2}[e.role])
-    _print(args, exps, out)
-    return 0
+    _print(args, exps, out, refusals)
+    return col.exit_code
 
 
-def _print(args: argparse.Namespace, exps: list[Explanation], out: TextIO) -> None:
+def _print(
+    args: argparse.Namespace,
+    exps: list[Explanation],
+    out: TextIO,
+    refusals: list[Refusal] | None = None,
+) -> None:
+    found: list[Explanation | Refusal] = [*exps, *(refusals or [])]
     if args.json:
-        out.write(json.dumps([e.to_dict() for e in exps]) + "\n")
+        out.write(json.dumps([e.to_dict() for e in found]) + "\n")
     else:
-        out.write("\n".join(e.render() for e in exps))
+        out.write("\n".join(e.render() for e in found))
 
 
 def run_advise(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    target = make_target(args, unique=False)
+    target = make_target(args, unique=False, err=err)
     seen = _observe(args, target, err)
     a = advice_of(seen.collector, seen.seconds, target.label)
     out.write(json.dumps(a.to_dict()) + "\n" if args.json else a.render())

@@ -165,6 +165,15 @@ class MaskDecode:
     absent: tuple[int, ...]  # known capabilities not in the mask
     unknown_bits: tuple[int, ...]  # bits set beyond CAP_LAST_CAP
 
+    def headline(self) -> str:
+        """'N of M capabilities', plus the bits set beyond the last known one."""
+        known = len(self.present) + len(self.absent)
+        text = f"{len(self.present)} of {known} capabilities"
+        if self.unknown_bits:
+            n = len(self.unknown_bits)
+            text += f", and {n} bit{'s' if n > 1 else ''} set beyond them (not capabilities here)"
+        return text
+
     def to_dict(self) -> dict[str, object]:
         return {
             "mask": f"{self.mask:016x}",

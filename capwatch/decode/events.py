@@ -23,10 +23,12 @@ __all__ = [
     "EVENT_SIZE",
     "EVENT_STRUCT",
     "F_DENIED",
+    "F_EXIT",
     "F_INSETID",
     "F_NOAUDIT",
     "F_OPTS_KNOWN",
     "F_OUTCOME",
+    "F_REFUSAL",
     "F_USERNS",
     "F_USERNS_KNOWN",
     "Batch",
@@ -42,6 +44,8 @@ F_OPTS_KNOWN = 0x08
 F_USERNS = 0x10
 F_USERNS_KNOWN = 0x20
 F_OUTCOME = 0x40
+F_EXIT = 0x100  # with F_OUTCOME: ret is a process's exit status (capwatch.h)
+F_REFUSAL = 0x200  # with F_OUTCOME: EPERM/EACCES with no capability denied in the syscall
 
 #: numpy mirror of struct cw_event (little-endian, as on x86_64 and arm64).
 EVENT_DTYPE = np.dtype(
@@ -90,6 +94,17 @@ class Event:
     def is_outcome(self) -> bool:
         """Not a check: the return value of the syscall of this thread's last denials."""
         return bool(self.flags & F_OUTCOME)
+
+    @property
+    def is_exit(self) -> bool:
+        """Not a check: ``ret`` is the exit status of a process that had a denial in a
+        send-family syscall that succeeded (its refusal may have come in a reply)."""
+        return bool(self.flags & F_EXIT)
+
+    @property
+    def is_refusal(self) -> bool:
+        """Not a check: a syscall ended in EPERM/EACCES (``ret``) with no capability denied."""
+        return bool(self.flags & F_REFUSAL)
 
     @property
     def opts_known(self) -> bool:

@@ -9,7 +9,7 @@ never a capability that was only probed.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from capwatch.decode.caps import DANGEROUS, cap_name, cap_short
@@ -110,7 +110,8 @@ class Advice:
         out += ["  " + line for line in self.systemd().splitlines()]
         danger = [cap_name(c) for c in self.caps if c in DANGEROUS]
         if danger:
-            out.append(f"warning: {', '.join(danger)} amount to root on the host in a container")
+            verb = "amounts" if len(danger) == 1 else "amount"
+            out.append(f"warning: {', '.join(danger)} {verb} to root on the host in a container")
         out.append(
             "note: only what ran while observed is covered; rarely used paths "
             "(error handling, upgrades, signals) may need more"
@@ -122,9 +123,19 @@ def _is_runtime(comm: str) -> bool:
     return any(fnmatch.fnmatchcase(comm, pat) for pat in RUNTIME_COMMS)
 
 
+def _merged(observations: list[Observation]) -> list[Observation]:
+    """One observation per distinct check, its count the sum (no duplicated evidence)."""
+    out: dict[Observation, Observation] = {}
+    for o in observations:
+        key = replace(o, count=0)
+        prev = out.get(key)
+        out[key] = o if prev is None else replace(prev, count=prev.count + o.count)
+    return list(out.values())
+
+
 def advise(observations: list[Observation], *, duration_s: float, target: str) -> Advice:
     a = Advice(duration_s=duration_s, target=target)
-    for o in observations:
+    for o in _merged(observations):
         what = f"{'denied' if o.denied else 'allowed'} in {o.syscall} ({o.comm}) x{o.count}"
         if _is_runtime(o.comm):
             a.ignored.setdefault(o.cap, []).append(f"container runtime setup: {what}")
@@ -132,6 +143,11 @@ def advise(observations: list[Observation], *, duration_s: float, target: str) -
             a.grant.setdefault(o.cap, []).append(what)
         elif not o.denied:
             a.ignored.setdefault(o.cap, []).append(f"known probe ({o.probe_rule}): {what}")
+        elif o.role == "cause" and o.outcome == "success":
+            a.missing.setdefault(o.cap, []).append(
+                f"{what}, refused in the reply (netlink: the call returned success, "
+                "the process exited non-zero)"
+            )
         elif o.role == "cause":
             a.missing.setdefault(o.cap, []).append(f"{what}, the call failed with {o.outcome}")
         elif o.role == "probe":
@@ -143,4 +159,7 @@ def advise(observations: list[Observation], *, duration_s: float, target: str) -
     for c in list(a.ignored):
         if c in a.grant or c in a.missing:
             del a.ignored[c]
+    for table in (a.grant, a.missing, a.ignored):
+        for c, lines in table.items():
+            table[c] = list(dict.fromkeys(lines))  # one line per distinct piece of evidence
     return a

@@ -7,6 +7,13 @@ or EACCES is a likely *cause*; one whose syscall succeeded or failed with
 another errno is a *probe* (the kernel asked, was told no, and went on:
 CAP_SYS_MODULE in dev_load() before ENODEV, CAP_DAC_OVERRIDE before
 CAP_DAC_READ_SEARCH...).
+
+Asynchronous refusals: a denial inside a send-family syscall that succeeded
+may still have failed the request, because netlink (rtnetlink, genetlink,
+nfnetlink) reports the error in the reply a later recvmsg reads. Such a
+denial is never called a probe from the syscall's return alone: it waits for
+the process's exit status (a CW_F_EXIT record) and is a *cause* when the
+process exited non-zero, *unknown* otherwise.
 """
 
 from __future__ import annotations
@@ -16,10 +23,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from capwatch.decode.events import Event
+from capwatch.decode.syscalls import syscall_name
 
-__all__ = ["Joined", "OutcomeJoiner", "outcome_text", "role_of"]
+__all__ = [
+    "ASYNC_SYSCALLS",
+    "Joined",
+    "OutcomeJoiner",
+    "is_async_candidate",
+    "outcome_text",
+    "role_of",
+]
 
 _CAUSE_ERRNOS = frozenset({errno.EPERM, errno.EACCES})
+
+#: Syscalls whose success does not mean the request was granted: on a netlink
+#: socket the kernel answers with NLMSG_ERROR in a later read (the BPF side
+#: lists the same syscalls by number, cw_is_send in bpf/capwatch.bpf.c).
+ASYNC_SYSCALLS = frozenset({"write", "writev", "sendto", "sendmsg", "sendmmsg"})
+
+
+def is_async_candidate(ret: int | None, syscall: str) -> bool:
+    """A denial whose refusal may have been reported later, in a reply."""
+    return ret is not None and ret >= 0 and syscall in ASYNC_SYSCALLS
 
 
 def outcome_text(ret: int | None) -> str:
@@ -31,12 +56,18 @@ def outcome_text(ret: int | None) -> str:
     return errno.errorcode.get(-ret, f"errno:{-ret}")
 
 
-def role_of(ret: int | None) -> str:
-    """cause | probe | unknown."""
+def role_of(ret: int | None, syscall: str = "", exit_code: int | None = None) -> str:
+    """cause | probe | unknown.
+
+    A denial in a send-family syscall that succeeded is a cause when the
+    process then exited non-zero, unknown otherwise: never a probe.
+    """
     if ret is None:
         return "unknown"
     if ret < 0 and -ret in _CAUSE_ERRNOS:
         return "cause"
+    if is_async_candidate(ret, syscall):
+        return "cause" if exit_code else "unknown"
     return "probe"
 
 
@@ -44,14 +75,33 @@ def role_of(ret: int | None) -> str:
 class Joined:
     event: Event
     ret: int | None  # the syscall's return value; None when unknown
+    exit_code: int | None = None  # the process's exit status, for asynchronous candidates
 
     @property
     def outcome(self) -> str:
         return outcome_text(self.ret)
 
     @property
+    def syscall(self) -> str:
+        return syscall_name(self.event.syscall_nr)
+
+    @property
+    def asynchronous(self) -> bool:
+        """The syscall succeeded but its refusal may have come in a reply (netlink)."""
+        return is_async_candidate(self.ret, self.syscall)
+
+    @property
     def role(self) -> str:
-        return role_of(self.ret)
+        return role_of(self.ret, self.syscall, self.exit_code)
+
+    def fields(self) -> dict[str, object]:
+        """What a record of this denial carries about its outcome (trace, serve, recent)."""
+        out: dict[str, object] = {"outcome": self.outcome, "role": self.role}
+        if self.ret is not None:
+            out["syscall_ret"] = self.ret
+        if self.exit_code is not None:
+            out["exit_code"] = self.exit_code
+        return out
 
 
 class OutcomeJoiner:
@@ -60,17 +110,40 @@ class OutcomeJoiner:
     ``emit`` gets every denial once, joined. Denials whose outcome never comes
     (the thread exited inside the syscall, or the record was lost) are
     emitted with ``ret=None`` by :meth:`expire` after ``max_wait_ns``.
+    Asynchronous candidates (:func:`is_async_candidate`) are held by process
+    until its exit record (then emitted with ``exit_code``) or ``max_wait_ns``.
+    Refusal records (no capability denied) go to ``on_refusal`` when given.
     """
 
-    def __init__(self, emit: Callable[[Joined], None], *, max_wait_ns: int = 2_000_000_000) -> None:
+    def __init__(
+        self,
+        emit: Callable[[Joined], None],
+        *,
+        max_wait_ns: int = 2_000_000_000,
+        on_refusal: Callable[[Event], None] | None = None,
+    ) -> None:
         self._emit = emit
+        self._on_refusal = on_refusal
         self._pending: dict[int, list[Event]] = {}
+        self._async: dict[int, list[Joined]] = {}
         self.max_wait_ns = max_wait_ns
 
     def feed(self, ev: Event) -> None:
+        if ev.is_exit:
+            for j in self._async.pop(ev.pid, ()):
+                self._emit(Joined(j.event, j.ret, ev.ret))
+            return
+        if ev.is_refusal:
+            if self._on_refusal is not None:
+                self._on_refusal(ev)
+            return
         if ev.is_outcome:
             for d in self._pending.pop(ev.tid, ()):
-                self._emit(Joined(d, ev.ret))
+                j = Joined(d, ev.ret)
+                if j.asynchronous:
+                    self._async.setdefault(d.pid, []).append(j)
+                else:
+                    self._emit(j)
             return
         if not ev.denied or ev.syscall_nr < 0:
             self._emit(Joined(ev, None))
@@ -83,8 +156,16 @@ class OutcomeJoiner:
         ]:
             for d in self._pending.pop(tid):
                 self._emit(Joined(d, None))
+        for pid in [
+            p for p, js in self._async.items() if now_ns - js[0].event.ts_ns > self.max_wait_ns
+        ]:
+            for j in self._async.pop(pid):
+                self._emit(j)
 
     def flush(self) -> None:
         for tid in list(self._pending):
             for d in self._pending.pop(tid):
                 self._emit(Joined(d, None))
+        for pid in list(self._async):
+            for j in self._async.pop(pid):
+                self._emit(j)

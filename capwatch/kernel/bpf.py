@@ -79,6 +79,8 @@ class ProgramConfig:
     held_entries: int = 16384
     self_pid: int = 0  # 0: this process
     outcome: bool = False  # hook syscall exit to learn each denial's syscall result
+    # with outcome and a filter: also EPERM/EACCES that no capability denial explains
+    refusals: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,10 @@ def build_cflags(config: ProgramConfig, mode: str, *, no_autoattach: bool = Fals
         flags.append(f"-DCW_FILTER_CGROUP={config.filter_cgroup}ULL")
     if config.outcome:
         flags.append("-DCW_OUTCOME")
+    if config.refusals:
+        if not config.outcome or (config.filter_cgroup is None and config.filter_pid is None):
+            raise CapwatchError("refusals need outcome mode and a pid or cgroup filter")
+        flags.append("-DCW_REFUSALS")
     if no_autoattach:
         flags.append("-DCW_NO_AUTOATTACH")
     return flags
@@ -435,6 +441,26 @@ class LoadedProgram:
             with contextlib.suppress(KeyError):
                 del table[k]
         return len(keys)
+
+    def refusal_path(self, tid: int, syscall_nr: int) -> str | None:
+        """The path named by ``tid``'s refused execve/open-like syscall ``syscall_nr``
+        (refusals mode), taken from the map: None when it named none or was not kept."""
+        if not self.config.refusals:
+            return None
+        import ctypes
+
+        table = self._bpf[b"refusal_path"]
+        key = ctypes.c_uint32(tid)
+        try:
+            entry = table[key]
+        except KeyError:
+            return None
+        if int(entry.nr) != syscall_nr:  # named by another syscall of this thread
+            return None
+        with contextlib.suppress(KeyError):
+            del table[key]
+        raw = bytes(entry.p)
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace") or None
 
     def read_stats(self) -> dict[str, int]:
         table = self._bpf[b"stats"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from capwatch.diagnose.explain import Explanation, explain
+from capwatch.diagnose.explain import Explanation, explain, fold
 from capwatch.pipeline import Check, facts_of
 
 __all__ = [
@@ -114,7 +114,16 @@ class RecentDenials:
 
     @staticmethod
     def key(rec: dict[str, Any]) -> tuple[Any, ...]:
-        return (rec.get("container"), rec.get("comm"), rec.get("cap"), rec.get("syscall"))
+        # the outcome and role are part of the key: a cause followed by a success of
+        # the same (comm, cap, syscall) stays a cause, beside the probe
+        return (
+            rec.get("container"),
+            rec.get("comm"),
+            rec.get("cap"),
+            rec.get("syscall"),
+            rec.get("outcome"),
+            rec.get("role"),
+        )
 
     # -- the pipeline sink ---------------------------------------------------
 
@@ -177,4 +186,4 @@ def read_recent(path: str, n: int) -> list[Explanation]:
         except ValueError:
             continue  # a record from another version: skip it
         out.append(explain(facts_of(check, count=count)))
-    return out
+    return fold(out)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import REPO, require_root, require_tool
+from tests.helpers import CAPWATCH, REPO, require_root, require_tool
 from tests.kernel.podman import NO_SECCOMP, RUN, busybox_rootfs, new_name, podman_rm, require_podman
 
 pytestmark = [pytest.mark.kernel]
@@ -34,7 +34,8 @@ print("settimeofday", r, ctypes.get_errno())
 """
 
 
-def explain_json(*args: str, timeout: float = 60) -> list[dict[str, Any]]:
+def explain_json(*args: str, timeout: float = 60, rc: int = 0) -> list[dict[str, Any]]:
+    """explain's findings; ``rc`` is the status expected: the watched command's own."""
     r = subprocess.run(
         [sys.executable, "-m", "capwatch.commands.cli", "explain", "--json", *args],
         capture_output=True,
@@ -43,32 +44,11 @@ def explain_json(*args: str, timeout: float = 60) -> list[dict[str, Any]]:
         cwd=REPO,
         check=False,
     )
-    assert 0 == r.returncode, r.stderr
+    assert rc == r.returncode, r.stderr
     out: list[dict[str, Any]] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
 
-def watching(command: str, *args: str, go: Any, timeout: float = 90) -> str:
-    """Run ``capwatch COMMAND --json ARGS`` on a container; once it says it is watching
-    (attached), call ``go()`` to let the container act. Returns stdout. No race
-    with the attach time, however loaded the machine is."""
-    p = subprocess.Popen(
-        [sys.executable, "-m", "capwatch.commands.cli", command, "--json", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    assert p.stderr is not None
-    seen = []
-    for line in p.stderr:
-        seen.append(line)
-        if line.startswith("capwatch: watching"):
-            break
-    go()
-    out, err = p.communicate(timeout=timeout)
-    assert 0 == p.returncode, "".join(seen) + err
-    return out
 
 
 def by_cap(exps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -86,7 +66,7 @@ class TestHostScenarios:
         """date -s under capsh --drop: CAP_SYS_TIME, clock_settime, EPERM, bounding set, a cause."""
         e = by_cap(
             explain_json(
-                "--", "capsh", "--drop=cap_sys_time", "--", "-c", "exec date -s 2020-01-01"
+                "--", "capsh", "--drop=cap_sys_time", "--", "-c", "exec date -s 2020-01-01", rc=1
             )
         )["CAP_SYS_TIME"]
         assert ("clock_settime", "EPERM", "cause", "bounding") == (
@@ -100,7 +80,7 @@ class TestHostScenarios:
     def test_ping_without_net_raw(self) -> None:
         """busybox ping without CAP_NET_RAW: socket() refused with EPERM, bounding set lacks it."""
         exps = explain_json(
-            "--", "capsh", "--drop=cap_net_raw", "--", "-c", "busybox ping -c1 -W1 127.0.0.1"
+            "--", "capsh", "--drop=cap_net_raw", "--", "-c", "busybox ping -c1 -W1 127.0.0.1", rc=1
         )
         e = by_cap(exps)["CAP_NET_RAW"]
         assert ("socket", "EPERM", "cause", "bounding") == (
@@ -117,7 +97,9 @@ class TestHostScenarios:
         import os
 
         os.chown(f, 1000, 1000)
-        exps = explain_json("--", "capsh", "--drop=cap_chown", "--", "-c", f"exec chown 0 {f}")
+        exps = explain_json(
+            "--", "capsh", "--drop=cap_chown", "--", "-c", f"exec chown 0 {f}", rc=1
+        )
         e = by_cap(exps)["CAP_CHOWN"]
         assert ("fchownat", "EPERM", "cause", "bounding") == (
             e["syscall"],
@@ -176,33 +158,53 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def container(rootfs: Path) -> Iterator[Any]:
     names: list[str] = []
 
-    def start(script: str, *extra: str) -> tuple[str, Any]:
-        """Start a container whose ``script`` runs once the returned go() is called."""
+    def start(script: str, *extra: str) -> str:
+        """``script`` runs once the test touches /tmp/NAME (see watch): not before
+        capwatch is attached, however long the compile takes on a loaded machine."""
         name = new_name()
         names.append(name)
-        flag = f"/tmp/go-{name}"
-        wait = f"until [ -e {flag} ]; do sleep 0.05; done; "
+        gated = f"while [ ! -e /tmp/{name} ]; do sleep 0.1; done; {script}"
         subprocess.run(
-            [*RUN, "-d", "--name", name, *extra, "--rootfs", str(rootfs), "sh", "-c", wait + script],
+            [*RUN, "-d", "--name", name, *extra, "--rootfs", str(rootfs), "sh", "-c", gated],
             capture_output=True,
             text=True,
             check=True,
             timeout=60,
         )
-        return name, (rootfs / flag.lstrip("/")).touch
+        return name
 
     yield start
     podman_rm(*names)
+    for name in names:
+        (rootfs / "tmp" / name).unlink(missing_ok=True)
+
+
+def watch(rootfs: Path, name: str, command: str, duration: float) -> Any:
+    """capwatch COMMAND --json --container NAME, releasing the container's script (see
+    ``container``) once capwatch says it is watching."""
+    p = subprocess.Popen(
+        [*CAPWATCH, command, "--json", "--container", name, "--duration", str(duration)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert p.stderr is not None
+    line = p.stderr.readline()
+    assert line.startswith("capwatch: watching"), line
+    (rootfs / "tmp" / name).touch()
+    out, err = p.communicate(timeout=120)
+    assert 0 == p.returncode, err
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.container
 class TestContainerScenarios:
-    def test_date_in_container(self, container: Any) -> None:
+    def test_date_in_container(self, container: Any, rootfs: Path) -> None:
         """date -s in a podman container: EPERM, the container's bounding set lacks SYS_TIME,
         fix podman run --cap-add=SYS_TIME."""
-        name, go = container("date -s 2020-01-01; sleep 3", *NO_SECCOMP)
-        out = watching("explain", "--container", name, "--duration", "4", go=go)
-        e = by_cap(json.loads(out.strip().splitlines()[-1]))["CAP_SYS_TIME"]
+        name = container("date -s 2020-01-01; sleep 3", *NO_SECCOMP)
+        e = by_cap(watch(rootfs, name, "explain", 5))["CAP_SYS_TIME"]
         assert ("clock_settime", "EPERM", "cause", "bounding") == (
             e["syscall"],
             e["outcome"],
@@ -211,11 +213,10 @@ class TestContainerScenarios:
         )
         assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
 
-    def test_ifconfig_probe_in_container(self, container: Any) -> None:
+    def test_ifconfig_probe_in_container(self, container: Any, rootfs: Path) -> None:
         """ifconfig nosuchdev0 in a container: CAP_SYS_MODULE denied, ioctl ENODEV: a probe, no fix."""
-        name, go = container("ifconfig nosuchdev0; sleep 3")
-        out = watching("explain", "--container", name, "--duration", "4", go=go)
-        e = by_cap(json.loads(out.strip().splitlines()[-1]))["CAP_SYS_MODULE"]
+        name = container("ifconfig nosuchdev0; sleep 3")
+        e = by_cap(watch(rootfs, name, "explain", 5))["CAP_SYS_MODULE"]
         assert ("ioctl", "ENODEV", "probe", []) == (
             e["syscall"],
             e["outcome"],
@@ -223,16 +224,15 @@ class TestContainerScenarios:
             e["fixes"],
         )
 
-    def test_advise_port_and_chown(self, container: Any) -> None:
+    def test_advise_port_and_chown(self, container: Any, rootfs: Path) -> None:
         """A container binding port 80 and chowning a file: advise proposes NET_BIND_SERVICE and
         CHOWN; every other proposal rests on an allowed check of the workload itself."""
-        name, go = container(
+        name = container(
             "(nc -l -p 80 &); sleep 0.5; touch /tmp/f; chown 1000 /tmp/f; sleep 3",
             "--network",
             "none",
         )
-        out = watching("advise", "--container", name, "--duration", "4", go=go)
-        a = json.loads(out)
+        a = watch(rootfs, name, "advise", 5)
         assert {"CAP_NET_BIND_SERVICE", "CAP_CHOWN"} <= set(a["capabilities"]), a
         for cap in a["capabilities"]:
             ev = a["evidence"][cap]

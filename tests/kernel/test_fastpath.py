@@ -170,6 +170,11 @@ class TestOutcomeHook:
             assert ["raw_tracepoint:cap_capable"] == prog.hooks()
             assert before == _links("sys_exit")
         with load(ProgramConfig(outcome=True)) as prog:
-            assert ["raw_tracepoint:cap_capable", "raw_tracepoint:sys_exit"] == prog.hooks()
+            # plus exit_group's entry: the exit status after a denial in a send (issue 13)
+            assert [
+                "raw_tracepoint:cap_capable",
+                "raw_tracepoint:sys_exit",
+                "tracepoint:syscalls:sys_enter_exit_group",
+            ] == prog.hooks()
             assert before + 1 == _links("sys_exit")
         assert before == _links("sys_exit")

@@ -23,6 +23,15 @@ class TestDecode:
         assert SEED_ABSENT == minus
         assert 41 == sum(1 for ln in lines if ln.startswith(("  - ", "  + ")))
 
+    def test_unknown_bits_are_not_counted_as_capabilities(self) -> None:
+        """A mask with bits past the last capability says so in its headline (issue 13, 7)."""
+        r = run_capwatch("decode", "1fffffffffffffff")
+        assert 0 == r.returncode
+        assert (
+            "mask 0x1fffffffffffffff: 41 of 41 capabilities, and 20 bits set beyond them"
+            " (not capabilities here)"
+        ) == r.stdout.splitlines()[0]
+
     def test_json_with_0x_and_unknown_bits(self) -> None:
         """--json lists present, absent and bits past the last capability."""
         r = run_capwatch("decode", "--json", "0x8000000000000001")

@@ -1,0 +1,431 @@
+"""Issue 13: refusals that today's answer gets wrong, reproduced with real processes and
+containers: netlink's asynchronous EPERM, the exit status of `explain -- CMD`, and
+refusals that are not capability checks (seccomp, file capabilities, no_new_privs,
+file permissions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import CAPWATCH, REPO, require_root, require_tool
+from tests.kernel.podman import (
+    BUSYBOX,
+    RUN,
+    busybox_rootfs,
+    new_name,
+    podman_id,
+    podman_rm,
+    require_podman,
+)
+
+pytestmark = [pytest.mark.kernel]
+
+
+def capwatch(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "capwatch.commands.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def findings(r: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    assert "Traceback" not in r.stderr, r.stderr
+    out: list[dict[str, Any]] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def net_admin(exps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in exps if e.get("capability") == "CAP_NET_ADMIN"]
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    require_root()
+    require_tool("capsh")
+
+
+class TestNetlinkOnHost:
+    def test_ip_link_add_is_an_asynchronous_cause(self) -> None:
+        """ip link add under capsh --drop=cap_net_admin: sendmsg returns success, the EPERM
+        comes in the netlink reply; capwatch calls it a cause (asynchronous), never a probe,
+        and explain exits with ip's status."""
+        require_tool("ip")
+        r = capwatch(
+            "explain",
+            "--json",
+            "--",
+            "capsh",
+            "--drop=cap_net_admin",
+            "--",
+            "-c",
+            "exec ip link add cwdummy13 type dummy",
+        )
+        exps = net_admin(findings(r))
+        assert exps, r.stdout
+        assert {("cause", True, "bounding")} == {
+            (e["role"], e["asynchronous"], e["missing_from"]) for e in exps
+        }
+        assert any(e["syscall"] in ("sendmsg", "sendto") for e in exps)
+        assert 2 == r.returncode, r.stderr  # ip's own status: "RTNETLINK answers: ..."
+
+    def test_exit_status_of_the_command_is_kept(self) -> None:
+        """explain -- CMD exits with CMD's status (here 3), not 0 (issue 13, defect 7)."""
+        r = capwatch("explain", "--", "sh", "-c", "exit 3")
+        assert (3, "no capability was denied") == (r.returncode, r.stdout.strip()[:24])
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_podman()
+    return busybox_rootfs(tmp_path_factory.mktemp("busybox"))
+
+
+@pytest.fixture
+def container(rootfs: Path) -> Iterator[Any]:
+    names: list[str] = []
+
+    def start(script: str, *extra: str) -> str:
+        name = new_name()
+        names.append(name)
+        subprocess.run(
+            [*RUN, "-d", "--name", name, *extra, "--rootfs", str(rootfs), "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return name
+
+    yield start
+    podman_rm(*names)
+
+
+@pytest.mark.container
+class TestNetlinkInContainer:
+    def test_explain_ip_link_add(self, container: Any) -> None:
+        """ip link add in a podman container without NET_ADMIN: a cause, the container is named
+        in the finding, and the fix is podman run --cap-add=NET_ADMIN."""
+        name = container("sleep 120")
+        exps = net_admin(
+            watch_then(
+                name, 10, ["podman", "exec", name, "ip", "link", "add", "d0", "type", "dummy"]
+            )
+        )
+        assert exps
+        e = exps[0]
+        assert ("cause", True, name, "podman") == (
+            e["role"],
+            e["asynchronous"],
+            e["container"],
+            e["kind"],
+        )
+        assert [{"context": "podman", "fix": "podman run --cap-add=NET_ADMIN ..."}] == e["fixes"]
+        assert podman_id(name) == e["container_id"]
+
+    def test_advise_proposes_net_admin(self, container: Any) -> None:
+        """advise on the same container proposes NET_ADMIN as missing, from the refused ip."""
+        name = container("sleep 120")
+        a = watch_then(
+            name,
+            10,
+            ["podman", "exec", name, "ip", "link", "add", "d0", "type", "dummy"],
+            command="advise",
+        )
+        assert "CAP_NET_ADMIN" in a["capabilities"], a
+        assert "--cap-add=NET_ADMIN" in a["docker"]
+        assert any("(ip)" in ev for ev in a["evidence"]["CAP_NET_ADMIN"])
+
+
+@pytest.fixture
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory that uid 65534 can traverse (pytest's own are 0700)."""
+    d = Path(f"/tmp/capwatch-test-{os.getpid()}-{os.urandom(3).hex()}")
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def verdicts(exps: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(syscall, verdict) -> finding, for refusals and capability findings alike."""
+    return {(e["syscall"], e.get("verdict", "capability")): e for e in exps}
+
+
+class TestRefusalsOnHost:
+    def test_file_capabilities_beyond_bounding_set(self, shared_dir: Path) -> None:
+        """A busybox copy with cap_net_raw+ep exec'd under capsh --drop=cap_net_raw: the kernel
+        refuses the exec (no cap_capable call); verdict file capabilities, the fix names
+        NET_RAW and setcap -r."""
+        require_tool("setcap")
+        binary = shared_dir / "fcping"
+        shutil.copy2(BUSYBOX, binary)
+        subprocess.run(["setcap", "cap_net_raw+ep", str(binary)], check=True)
+        r = capwatch(
+            "explain", "--json", "--", "capsh", "--drop=cap_net_raw", "--", "-c", str(binary)
+        )
+        e = verdicts(findings(r))[("execve", "file capabilities")]
+        assert (str(binary), "EPERM") == (e["path"], e["outcome"])
+        assert "(CAP_NET_RAW)" in e["summary"]
+        assert [
+            "start it from a shell or service whose bounding set includes CAP_NET_RAW",
+            f"setcap -r {binary} (if the program does not need them: "
+            "it then runs with what it is given)",
+        ] == [f["fix"] for f in e["fixes"]]
+        assert 126 == r.returncode
+
+    def test_setuid_binary_under_no_new_privs(self, shared_dir: Path) -> None:
+        """A setuid-root busybox run as nobody under setpriv --no-new-privs: ping's socket() is
+        refused CAP_NET_RAW; the verdict is no_new_privs, the fix drops it, not setcap."""
+        require_tool("setpriv")
+        sub = shared_dir / "suid"
+        sub.mkdir(mode=0o755)
+        binary = sub / "busybox"
+        shutil.copy2(BUSYBOX, binary)
+        binary.chmod(0o4755)
+        r = capwatch(
+            "explain",
+            "--json",
+            "--",
+            "setpriv",
+            "--no-new-privs",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            str(binary),
+            "ping",
+            "-c1",
+            "-W1",
+            "127.0.0.1",
+        )
+        e = verdicts(findings(r))[("socket", "no_new_privs")]
+        assert ("CAP_NET_RAW", "cause", "permitted") == (
+            e["capability"],
+            e["role"],
+            e["missing_from"],
+        )
+        assert "setpriv" == e["fixes"][0]["context"]
+        assert not any("setcap" in f["fix"] for f in e["fixes"])
+
+    def test_touch_of_root_owned_file(self, shared_dir: Path) -> None:
+        """touch of a root-owned 0644 file as nobody: CAP_DAC_OVERRIDE is refused in openat, but
+        the verdict is file permissions, with a chown/chmod fix and no setcap."""
+        target = shared_dir / "rootfile"
+        target.write_text("x")
+        target.chmod(0o644)
+        r = capwatch(
+            "explain",
+            "--json",
+            "--",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "touch",
+            str(target),
+        )
+        e = verdicts(findings(r))[("openat", "file permissions")]
+        assert ("CAP_DAC_OVERRIDE", "EACCES") == (e["capability"], e["outcome"])
+        assert ["file permissions"] == [f["context"] for f in e["fixes"]]
+        assert "uid 65534" in e["fixes"][0]["fix"]
+        assert 1 == r.returncode
+
+
+def watch_then(name: str, duration: float, *cmds: list[str], command: str = "explain") -> Any:
+    """capwatch COMMAND --json --container NAME; once it says it is watching (the program is
+    attached), run ``cmds`` (podman exec ...): no race with a loaded machine's compile time."""
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "capwatch.commands.cli",
+            command,
+            "--json",
+            "--container",
+            name,
+            "--duration",
+            str(duration),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert p.stderr is not None
+    line = p.stderr.readline()  # written once the program is attached
+    assert line.startswith("capwatch: watching"), line
+    for cmd in cmds:
+        subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    out, err = p.communicate(timeout=120)
+    assert 0 == p.returncode, err
+    assert "Traceback" not in err, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.container
+class TestRefusalsInContainer:
+    def test_default_seccomp_refuses_date(self, container: Any) -> None:
+        """date -s in a container with podman's default seccomp profile: clock_settime is
+        refused by the filter before any capability check; verdict seccomp, fix --cap-add=SYS_TIME
+        (the default profile admits it then) or a profile of one's own."""
+        name = container("sleep 60")
+        exps = watch_then(name, 10, ["podman", "exec", name, "date", "-s", "2020-01-01"])
+        e = verdicts(exps)[("clock_settime", "seccomp")]
+        assert ("date", "EPERM", name) == (e["comm"], e["outcome"], e["container"])
+        assert {"fix": "podman run --cap-add=SYS_TIME ...", "context": "podman"} == e["fixes"][0]
+
+    def test_file_capabilities_beyond_container_bounding_set(
+        self, container: Any, rootfs: Path
+    ) -> None:
+        """A file-capability binary (cap_net_raw+ep) exec'd in a container started with
+        --cap-drop=NET_RAW: the exec is refused; verdict file capabilities, fix
+        podman run --cap-add=NET_RAW or setcap -r in the image."""
+        require_tool("setcap")
+        binary = rootfs / "bin" / "fcping"
+        shutil.copy2(BUSYBOX, binary)
+        subprocess.run(["setcap", "cap_net_raw+ep", str(binary)], check=True)
+        name = container("sleep 60", "--cap-drop=NET_RAW")
+        exps = watch_then(name, 10, ["podman", "exec", name, "/bin/fcping"])
+        assert ("execve", "file capabilities") in verdicts(exps), [
+            (e.get("path"), e.get("details")) for e in exps
+        ]
+        e = verdicts(exps)[("execve", "file capabilities")]
+        assert ("/bin/fcping", "EPERM") == (e["path"], e["outcome"])
+        assert [
+            {"context": "podman", "fix": "podman run --cap-add=NET_RAW ..."},
+            {
+                "context": "image",
+                "fix": "setcap -r /bin/fcping (if the program does not need them: "
+                "it then runs with what it is given)",
+            },
+        ] == e["fixes"]
+
+
+@pytest.mark.container
+class TestShortLivedInContainer:
+    def test_container_whose_only_process_is_denied(self, container: Any, rootfs: Path) -> None:
+        """A container whose only process (date -s, its PID 1) is denied CAP_SYS_TIME and exits
+        at once: the sets are known (read in time, or from the container's config.json, which
+        the finding then names), so the fix is the podman flag only, never setcap, systemd
+        or "run as root" (issue 13, defect 4)."""
+        go = rootfs / "tmp" / f"go-{os.getpid()}"
+        name = container(
+            f"while [ ! -e /tmp/{go.name} ]; do sleep 0.1; done; exec date -s 2020-01-01",
+            "--security-opt",
+            "seccomp=unconfined",
+        )
+        try:
+            exps = watch_then(name, 6, ["touch", str(go)])
+        finally:
+            go.unlink(missing_ok=True)
+        [e] = [x for x in exps if x["capability"] == "CAP_SYS_TIME"]
+        assert ("cause", "bounding", name) == (e["role"], e["missing_from"], e["container"])
+        assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
+        assert e["caps_source"] == "" or "config.json" in e["caps_source"]
+
+
+@pytest.mark.container
+class TestExplainPodmanRun:
+    def test_the_containers_denial_not_the_runtimes(self, rootfs: Path) -> None:
+        """explain -- podman run ... date -s: the container runs in a cgroup of its own, which
+        is followed; its CAP_SYS_TIME denial is shown with the container's name and the
+        --cap-add fix, and podman's and conmon's tolerated refusals are not causes (defect 5)."""
+        name = new_name()
+        try:
+            r = capwatch(
+                "explain",
+                "--json",
+                "--",
+                *RUN,
+                "--rm",
+                "--name",
+                name,
+                "--security-opt",
+                "seccomp=unconfined",
+                "--rootfs",
+                str(rootfs),
+                "date",
+                "-s",
+                "2020-01-01",
+            )
+        finally:
+            podman_rm(name)
+        exps = findings(r)
+        [e] = [x for x in exps if x["capability"] == "CAP_SYS_TIME"]
+        assert ("cause", name, "date") == (e["role"], e["container"], e["comm"])
+        assert [{"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}] == e["fixes"]
+        runtime = [x for x in exps if x["comm"] in ("podman", "conmon")]
+        assert all("probe" == x["role"] for x in runtime), runtime
+
+
+@pytest.mark.container
+class TestWaitForContainer:
+    def test_explain_waits_for_a_container_started_after_it(self, rootfs: Path) -> None:
+        """explain --container NAME --wait: started before the container, it waits, then
+        watches it and explains its denial (defect 6)."""
+        name = new_name()
+        script = "date -s 2020-01-01; sleep 5"
+        p = subprocess.Popen(
+            [
+                *CAPWATCH,
+                "explain",
+                "--json",
+                "--container",
+                name,
+                "--wait",
+                "60",
+                "--duration",
+                "8",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        try:
+            assert p.stderr is not None
+            assert p.stderr.readline().startswith(
+                f"capwatch: waiting up to 60s for container {name}"
+            )
+            go = rootfs / "tmp" / name
+            subprocess.run(
+                [
+                    *RUN,
+                    "-d",
+                    "--name",
+                    name,
+                    *("--security-opt", "seccomp=unconfined", "--rootfs", str(rootfs)),
+                    *("sh", "-c", f"while [ ! -e /tmp/{name} ]; do sleep 0.1; done; {script}"),
+                ],
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            assert p.stderr.readline().startswith("capwatch: watching container")
+            go.touch()
+            out, err = p.communicate(timeout=120)
+        finally:
+            podman_rm(name)
+            (rootfs / "tmp" / name).unlink(missing_ok=True)
+        assert 0 == p.returncode, err
+        exps = json.loads(out.strip().splitlines()[-1])
+        [e] = [x for x in exps if x["capability"] == "CAP_SYS_TIME"]
+        assert ("cause", name) == (e["role"], e["container"])
+
+    def test_without_wait_says_how_to_wait(self) -> None:
+        """No such container and no --wait: one line that names --wait, exit 1."""
+        r = capwatch("explain", "--container", "capwatch-no-such-container-x")
+        assert (1, 1) == (r.returncode, len(r.stderr.splitlines()))
+        assert "--wait DURATION waits for it" in r.stderr
