@@ -98,7 +98,10 @@ BPF_ARRAY(initns, u64, 1);
  *   real mount or setns refusal), nor another process's denials of the same
  *   kind, which are sent on their own budget;
  * - per cgroup, CW_CG_BURST a window: many processes in one cgroup flooding
- *   many kinds cannot fill the ring and cost another cgroup its denials.
+ *   many kinds cannot fill the ring and cost another cgroup its denials;
+ * - per uid other than root, the same budget over all its cgroups: a user
+ *   with a delegated cgroup subtree cannot multiply budgets by making
+ *   cgroups (root in a container cannot make cgroups).
  * A denial held back is not lost: it is counted in the held map by
  * (cgroup, cap, syscall) and classified there by user space. An LRU eviction
  * of a limiter entry only restarts that limiter's window. */
@@ -215,7 +218,11 @@ static __always_inline void hold(u64 cg, s32 cap, s32 nr)
 		stat_inc(CW_STAT_HELD_FAIL);
 }
 
-/* The cgroup's budget for this window: 1 while it has room. */
+/* A budget's key: a cgroup id, or a uid tagged with the top bit (a cgroup
+ * id is an inode number, never that large). */
+#define CW_UID_BUDGET_KEY (1ULL << 63)
+
+/* The cgroup's (or uid's) budget for this window: 1 while it has room. */
 static __always_inline int budget_take(u64 cg, u64 now)
 {
 	struct cw_budget *b = cg_budget.lookup(&cg);
@@ -361,7 +368,11 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 				return 0;
 			}
 		}
-		if (!budget_take(key.cgroup_id, now)) {
+		/* A user other than root shares one budget over all its cgroups: a
+		 * delegated subtree makes cgroups at will, each with a fresh budget. */
+		u32 uid = (u32)bpf_get_current_uid_gid();
+		if ((uid != 0 && !budget_take(CW_UID_BUDGET_KEY | uid, now)) ||
+		    !budget_take(key.cgroup_id, now)) {
 			if (rv)
 				__sync_fetch_and_add(&rv->suppressed, 1);
 			stat_inc(CW_STAT_SUPPRESSED);

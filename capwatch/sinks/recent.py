@@ -148,8 +148,30 @@ class RecentDenials:
             rec["count"] = old.get("count", 1) + n
         self._items[key] = rec
         while len(self._items) > self.limit:
-            self._items.popitem(last=False)
+            self._evict()
         self._dirty = True
+
+    @staticmethod
+    def owner(rec: dict[str, Any]) -> tuple[Any, ...]:
+        """Whose denial this is, for fairness: a user's delegated cgroups are all
+        that user's (it can make them at will); a container, pod or host
+        cgroup is itself."""
+        if rec.get("kind") == "user-delegated":
+            return ("user", str(rec.get("container", "")).split(":", 1)[0])
+        return (rec.get("kind"), rec.get("container_id") or rec.get("container"))
+
+    def _evict(self) -> None:
+        """Drop the oldest record of whoever holds the most: a tenant flooding
+        distinct denials cannot push another workload's out of explain --last."""
+        counts: dict[tuple[Any, ...], int] = {}
+        for r in self._items.values():
+            o = self.owner(r)
+            counts[o] = counts.get(o, 0) + 1
+        most = max(counts.values())
+        for k, r in self._items.items():  # oldest first
+            if counts[self.owner(r)] == most:
+                del self._items[k]
+                return
 
     def flush(self, *, force: bool = False) -> None:
         now = time.monotonic()

@@ -126,3 +126,35 @@ class TestRefusals:
         link = tmp_path / "link.json"
         link.symlink_to(good)
         assert [] == read_recent(str(link), 5)
+
+
+class TestFairness:
+    def test_a_flooding_tenant_cannot_push_a_victim_out(self, tmp_path: Path) -> None:
+        """A user's delegated cgroups making 500 distinct denials after a container's
+        one: explain --last still has the container's (the tenant loses its oldest)."""
+        r = RecentDenials(str(tmp_path / "state" / "recent.json"), limit=100)
+        r.write(DENIAL)  # the victim container's date -s
+        for i in range(500):
+            r.write(
+                replace(
+                    DENIAL,
+                    comm=f"churn{i}",
+                    kind="user-delegated",
+                    container=f"user-61000:churn-{i}.scope",
+                    container_id="",
+                    container_name="",
+                    cgroup_id=1000 + i,
+                )
+            )
+        r.close()
+        found = read_recent(r.path, 100)
+        assert 100 == len(found)
+        assert "date" in [e.comm for e in found]
+
+    def test_plain_recency_among_equals(self, tmp_path: Path) -> None:
+        """Among workloads with one record each, the oldest goes first."""
+        r = RecentDenials(str(tmp_path / "state" / "recent.json"), limit=3)
+        for i in range(4):
+            r.write(replace(DENIAL, container=f"c{i}", container_id=f"{i:064x}", comm=f"p{i}"))
+        r.close()
+        assert ["p3", "p2", "p1"] == [e.comm for e in read_recent(r.path, 10)]
