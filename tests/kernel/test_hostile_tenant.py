@@ -34,7 +34,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -506,6 +505,8 @@ def test_hostile_tenant_cannot_hide_spoof_or_blind(tmp_path: Path) -> None:
     require_podman()
     require_tool("setpriv")
     uid = free_uid()
+    # the system's python: the tenant cannot reach a virtualenv under a private home
+    python = shutil.which("python3", path="/usr/bin:/bin") or pytest.fail("no /usr/bin/python3")
     work = Path(tempfile.mkdtemp(prefix="capwatch-hostile-"))
     work.chmod(0o755)  # the tenant execs its binary from here
     exe = compile_tenant(work)
@@ -558,7 +559,7 @@ def test_hostile_tenant_cannot_hide_spoof_or_blind(tmp_path: Path) -> None:
                     f"--reuid={uid}",
                     f"--regid={uid}",
                     "--clear-groups",
-                    sys.executable if sys.executable.startswith("/usr/") else "/usr/bin/python3",
+                    python,
                     "-c",
                     _TENANT_PY,
                     json.dumps(cfg),
