@@ -53,12 +53,13 @@ struct cw_cache {
 };
 
 /* Indexes of the per-CPU stats array. */
-#define CW_STAT_LOST_DENIALS 0	/* denial ring full: reserve failed */
-#define CW_STAT_LOST_CHECKS 1	/* checks ring full (--all/--unique): reserve failed */
-#define CW_STAT_SUPPRESSED 2	/* denials held back by the per-(pid, cap) rate limit */
-#define CW_STAT_COUNT_FAIL 3	/* count map full: a check could not be counted */
-#define CW_STAT_SELF 4		/* capwatch's own checks on the streaming path (not sent) */
-#define CW_STAT_LOST_OUTCOMES 5 /* denial ring full when a syscall's outcome was to be sent */
+#define CW_STAT_LOST_DENIALS 0	  /* denial ring full: reserve failed */
+#define CW_STAT_LOST_CHECKS 1	  /* checks ring full (--all/--unique): reserve failed */
+#define CW_STAT_SUPPRESSED 2	  /* denials held back by the per-(pid, cap) rate limit */
+#define CW_STAT_COUNT_FAIL 3	  /* count map full: a check could not be counted */
+#define CW_STAT_SELF 4		  /* capwatch's own checks on the streaming path (not sent) */
+#define CW_STAT_LOST_OUTCOMES 5	  /* denial ring full when a syscall's outcome was to be sent */
+#define CW_STAT_KPROBE_UNPAIRED 6 /* kprobe: a return without its entry (not counted) */
 #define CW_STAT_NR 8
 
 #endif

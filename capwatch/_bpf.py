@@ -48,6 +48,7 @@ STAT_NAMES = (
     "count_fail",
     "own_checks",
     "lost_outcomes",
+    "kprobe_unpaired",
 )
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -380,7 +381,9 @@ def load(
     def attempt(m: str) -> Any:
         return _compile(bcc, src, build_cflags(config, m))
 
-    sel: Selection[Any] = select_mode(mode, attempt)
+    from capwatch._kernel_facts import read_kernel_facts
+
+    sel: Selection[Any] = select_mode(mode, attempt, read_kernel_facts())
     prog = LoadedProgram(sel.result, sel.mode, config, headers)
     prog.attempts = sel.attempts
     return prog
