@@ -23,8 +23,10 @@ say() { printf 'host-setup: %s\n' "$*"; }
 #    named "bcc" is an unrelated project and must never be installed.
 pkgs=(python3-bpfcc bpfcc-tools python3-venv python3-numpy libcap2-bin util-linux bpftool)
 if [ "$test_deps" = 1 ]; then
-  # real containers, a real Prometheus, and a peer for the benchmark
+  # real containers, a real Prometheus, and a peer for the benchmark;
+  # QEMU and kmod (depmod) boot Debian's 6.1 and 6.12 kernels for tests/vm
   pkgs+=(podman runc busybox-static prometheus bpftrace clang-format debootstrap iproute2)
+  pkgs+=(qemu-system-x86 kmod)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
