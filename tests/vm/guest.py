@@ -31,7 +31,7 @@ CW = [sys.executable, "-m", "capwatch.cli"]
 MODES = ("fexit", "kprobe")
 PORTS = {"fexit": 19649, "kprobe": 19650}
 SETUID_N = 2000
-ATTACH_TIMEOUT = 900.0
+ATTACH_TIMEOUT = 2700.0
 #: Modules that exist in Debian's kernels and are not loaded at boot; the first found is used.
 MODULE_CANDIDATES = ("dummy", "veth", "bonding", "vxlan")
 

@@ -41,7 +41,7 @@ SERIES = {
     "6.1": re.compile(r"^linux-image-(6\.1\.0-(\d+)-amd64)$"),
     "6.12": re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12-amd64)$"),
 }
-BOOT_TIMEOUT = 1800.0
+BOOT_TIMEOUT = 3600.0
 KVM_PROBE_TIMEOUT = 45.0
 
 
