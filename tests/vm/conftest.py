@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +16,16 @@ from tests.vm import harness
 @pytest.fixture(scope="session")
 def vm_runs(request: pytest.FixtureRequest) -> Iterator[harness.Runs]:
     runs = harness.Runs()
+    replay = os.environ.get("CAPWATCH_VM_RESULTS")
+    if replay:  # judge a finished run again (DIR/<series>/results.json), without booting
+        for series in harness.SERIES:
+            path = Path(replay) / series / "results.json"
+            if path.exists():
+                runs.results[series] = json.loads(path.read_text())
+            else:
+                runs.errors[series] = f"{path} does not exist"
+        yield runs
+        return
     why = harness.qemu_missing()
     if why is not None:
         runs.skip = why
@@ -30,7 +41,9 @@ def vm_runs(request: pytest.FixtureRequest) -> Iterator[harness.Runs]:
             kernels.append(harness.fetch(series))
         except (harness.HarnessError, OSError) as exc:
             runs.errors[series] = str(exc)
-    with tempfile.TemporaryDirectory(prefix="capwatch-vm-") as d:
+    keep = os.environ.get("CAPWATCH_VM_OUT")  # keep the guests' output there
+    with tempfile.TemporaryDirectory(prefix="capwatch-vm-") as tmp:
+        d = keep or tmp
         if kernels:
             runs.accel, runs.accel_why = harness.choose_accel(kernels[0])
             boots = [harness.Boot(k, Path(d) / k.series, runs.accel) for k in kernels]
