@@ -32,8 +32,8 @@ MODES = ("fexit", "kprobe")
 PORTS = {"fexit": 19649, "kprobe": 19650}
 SETUID_N = 2000
 ATTACH_TIMEOUT = 2700.0
-#: Modules that exist in Debian's kernels and are not loaded at boot; the first found is used.
-MODULE_CANDIDATES = ("dummy", "veth", "bonding", "vxlan")
+#: A module of Debian's kernels (CONFIG_DUMMY=m) that nothing loads at boot.
+MODULE = "dummy"
 
 _CHILD_MMAP = (
     "import mmap, os\n"
@@ -123,26 +123,34 @@ def workloads(out: Path) -> dict[str, Any]:
         ["capsh", "--drop=cap_sys_admin", "--", "-c", f'echo $$; exec python3 -c "{_CHILD_MMAP}"']
     )
     facts["mmap"] = {"pid": pid_of(p), "rc": p.returncode, "stderr": p.stderr}
+    # A noaudit check that reaches cap_capable through security_capable(): reading
+    # /proc/1/stat as another user asks ptrace_may_access(PTRACE_MODE_NOAUDIT) for
+    # CAP_SYS_PTRACE; denied, and the read still succeeds (the fields are blanked).
+    p = run(
+        [
+            "sh",
+            "-c",
+            "echo $$; exec setpriv --reuid=65534 --regid=65534 --clear-groups cat /proc/1/stat",
+        ]
+    )
+    facts["ptrace_stat"] = {"pid": pid_of(p), "rc": p.returncode, "stderr": p.stderr}
     moddir = Path("/lib/modules") / platform.release()
-    module = None
-    for name in MODULE_CANDIDATES:
-        if (
-            run(["modinfo", "-n", name]).returncode == 0
-            and not Path(f"/sys/module/{name}").exists()
-        ):
-            module = name
-            break
-    if module is not None:
-        p = run(["capsh", "--drop=cap_sys_module", "--", "-c", f"echo $$; exec modprobe {module}"])
-        facts["modprobe"] = {
+    info = run(["modinfo", "-n", MODULE])
+    facts["modprobe"] = {
+        "module": MODULE,
+        "moddir_exists": moddir.exists(),
+        "modinfo": (info.returncode, info.stdout.strip(), info.stderr.strip()),
+        "loaded_before": Path(f"/sys/module/{MODULE}").exists(),
+    }
+    p = run(["capsh", "--drop=cap_sys_module", "--", "-c", f"echo $$; exec modprobe {MODULE}"])
+    facts["modprobe"].update(
+        {
             "pid": pid_of(p),
-            "module": module,
             "rc": p.returncode,
             "stderr": p.stderr,
-            "loaded_after": Path(f"/sys/module/{module}").exists(),
+            "loaded_after": Path(f"/sys/module/{MODULE}").exists(),
         }
-    else:
-        facts["modprobe"] = {"pid": None, "module": None, "moddir": str(moddir)}
+    )
     time.sleep(1.0)  # let the consumers drain (50 ms timers) and the joiner see outcomes
     return facts
 
