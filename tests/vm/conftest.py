@@ -1,4 +1,8 @@
-"""One boot of each Debian kernel per pytest session, both at once (tests/vm/harness.py)."""
+"""One boot of each Debian kernel per pytest session, both at once (tests/vm/harness.py).
+
+CAPWATCH_VM_OUT=DIR keeps each guest's output in DIR/<series>/;
+CAPWATCH_VM_RESULTS=DIR judges such a kept run again without booting.
+"""
 
 from __future__ import annotations
 
