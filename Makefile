@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup trace serve test test-unit lint bench soak clean
+.PHONY: setup trace serve test test-unit test-kernels lint bench soak clean
 
 setup:
 	@bash deploy/host-setup.sh --venv $(VENV)
@@ -21,6 +21,12 @@ serve: setup
 # The whole suite: unit tests, real BPF, real containers, a real Prometheus.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Only the VM matrix: Debian's 6.1 and 6.12 kernels booted in QEMU, capwatch's
+# fexit and kprobe modes run inside (tests/vm; kernels cached in
+# /var/cache/capwatch-kernels). Part of `make test` too.
+test-kernels: setup
+	$(PY) -m pytest tests/vm -m vm $(PYTEST_ARGS)
 
 # Only what runs anywhere (no root, no kernel).
 test-unit: setup

@@ -773,7 +773,10 @@ struct cw_args {
 	s32 cap;
 	u32 opts;
 };
-BPF_HASH(inflight, u32, struct cw_args, 10240);
+/* LRU: a thread whose kretprobe never fires (killed mid-check, kretprobe
+ * maxactive exhausted) must not pin a slot forever; a return that finds no
+ * entry (evicted, or the entry probe missed) is counted, not silently lost. */
+BPF_TABLE("lru_hash", u32, struct cw_args, inflight, 10240);
 
 #ifdef CW_NO_AUTOATTACH
 int cw_kprobe(struct pt_regs *ctx)
@@ -798,8 +801,10 @@ int kretprobe__cap_capable(struct pt_regs *ctx)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct cw_args *a = inflight.lookup(&tid);
-	if (!a)
+	if (!a) {
+		stat_inc(CW_STAT_KPROBE_UNPAIRED);
 		return 0;
+	}
 	struct cw_args copy = *a;
 	inflight.delete(&tid);
 	return cw_handle(ctx, copy.cap, (s32)PT_REGS_RC(ctx), copy.ns, opts_to_flags(copy.opts));

@@ -89,6 +89,7 @@ struct cw_cache {
 #define CW_STAT_HELD_NEW 7  /* entries made in the held map */
 #define CW_STAT_HELD_FAIL 8 /* a held denial the held map could not count */
 #define CW_STAT_BUDGET 9    /* of SUPPRESSED: held back by the per-cgroup budget */
+#define CW_STAT_KPROBE_UNPAIRED 10 /* kprobe: a return without its entry (not counted) */
 #define CW_STAT_NR 16
 
 #endif

@@ -30,6 +30,8 @@ if [ "$test_deps" = 1 ]; then
   # peer for the benchmark
   pkgs+=(podman runc busybox-static prometheus bpftrace clang-format debootstrap iproute2
     docker.io containerd)
+  # QEMU and kmod (depmod) boot Debian's 6.1 and 6.12 kernels for tests/vm
+  pkgs+=(qemu-system-x86 kmod)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

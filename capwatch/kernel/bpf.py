@@ -54,6 +54,7 @@ STAT_NAMES = (
     "held_new",
     "held_fail",
     "budget",
+    "kprobe_unpaired",
 )
 #: How many times read_counts re-reads before it settles for a partial read.
 READ_ATTEMPTS = 100
@@ -523,7 +524,9 @@ def load(
     def attempt(m: str) -> Any:
         return _compile(bcc, src, build_cflags(config, m))
 
-    sel: Selection[Any] = select_mode(mode, attempt)
+    from capwatch.kernel.facts import read_kernel_facts
+
+    sel: Selection[Any] = select_mode(mode, attempt, read_kernel_facts())
     prog = LoadedProgram(sel.result, sel.mode, config, headers)
     prog.attempts = sel.attempts
     return prog

@@ -76,15 +76,20 @@ def run_doctor(
         "mounted" if tr else "mount -t tracefs nodev /sys/kernel/tracing",
         required=False,
     )
-    tp = os.path.exists("/sys/kernel/tracing/events/capability/cap_capable") or os.path.exists(
-        "/sys/kernel/debug/tracing/events/capability/cap_capable"
-    )
-    r.add(
-        "tracepoint",
-        tp,
-        "capability:cap_capable" if tp else "not found (needs tracefs)",
-        required=False,
-    )
+    from capwatch.kernel.attach import tracepoint_exists, unavailable
+    from capwatch.kernel.facts import read_kernel_facts
+
+    facts = read_kernel_facts()
+    tp = tracepoint_exists(facts)
+    if tp and facts.tracefs:
+        tp_detail = "capability:cap_capable"
+    elif tp:
+        tp_detail = unavailable("tracepoint", facts) or "capability:cap_capable"
+    elif tp is False:
+        tp_detail = f"not in this kernel: {unavailable('tracepoint', facts)}"
+    else:
+        tp_detail = "cannot tell: neither tracefs nor BTF; mount -t tracefs nodev /sys/kernel/tracing"
+    r.add("tracepoint", bool(tp), tp_detail, required=False)
     try:
         _bpf.check_privileges()
         r.add("privileges", True, "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)")

@@ -471,8 +471,9 @@ class CapwatchCollector(Collector):
         yield unc
         yield CounterMetricFamily(
             "capwatch_checks_uncounted",
-            "Checks the count map could not count.",
-            value=stats.get("count_fail", 0),
+            "Checks not counted: the count map was full, or (kprobe mode) a return"
+            " came without its entry's arguments.",
+            value=stats.get("count_fail", 0) + stats.get("kprobe_unpaired", 0),
         )
         yield CounterMetricFamily(
             "capwatch_denials_uncounted",

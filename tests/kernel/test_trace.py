@@ -124,6 +124,8 @@ class TestModes:
         assert 1 == r.returncode
         assert 1 == len(r.stderr.strip().splitlines()), r.stderr
         assert r.stderr.startswith("capwatch: attach mode kprobe failed (kprobe: ")
+        # decided from the kernel's facts (no kprobe PMU, no kprobe_events), before compiling
+        assert "kprobes are not available in" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
 
 

@@ -16,6 +16,8 @@ HELPERS = frozenset(
         "tests.kernel.podman",
         "tests.kernel.workloads",
         "tests.kernel.runtimes",
+        "tests.vm",  # the package, for its harness module
+        "tests.vm.harness",
     }
 )
 
