@@ -129,7 +129,9 @@ def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = 
         made = runcmd.make_command_cgroup(root, proc_root=args.proc_root)
         cg = made.cgroup_id
         runtime = started_runtime(args.cmd) if args.command == "explain" else None
-        if runtime is not None:
+        # podman runs its container itself (a child of the command); dockerd and
+        # containerd run theirs, and their runs get a note instead (see _observe_in)
+        if runtime == "podman":
             # the container runs in a cgroup its runtime makes, not under the command's:
             # no kernel filter; user space keeps the command's cgroup and the new
             # container cgroups that ContainerFollower accepts
