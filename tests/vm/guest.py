@@ -8,7 +8,7 @@ compiles overlap. Then one set of workloads runs while they are all attached,
 and everything they printed is written to OUTDIR/results.json. The oracle
 lives in tests/vm/test_kernels.py on the host.
 
-    python tests/vm/guest.py OUTDIR
+    python tests/vm/guest.py OUTDIR [MODULES_DIR]
 """
 
 from __future__ import annotations
@@ -135,6 +135,11 @@ def workloads(out: Path) -> dict[str, Any]:
     )
     facts["ptrace_stat"] = {"pid": pid_of(p), "rc": p.returncode, "stderr": p.stderr}
     moddir = Path("/lib/modules") / platform.release()
+    if not moddir.exists() and len(sys.argv) > 2:
+        # The kernel's own modules, from its unpacked package (the root is read-only).
+        if not os.path.ismount("/lib/modules"):
+            run(["mount", "-t", "tmpfs", "none", "/lib/modules"])
+        moddir.symlink_to(sys.argv[2])
     info = run(["modinfo", "-n", MODULE])
     facts["modprobe"] = {
         "module": MODULE,

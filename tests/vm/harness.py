@@ -204,6 +204,7 @@ class Boot:
         self.log = (outdir / "vng.log").open("w")
         argv = [*_vng_argv(kernel, outdir, accel, "4G", 2), "--"]
         argv += [sys.executable, str(GUEST), str(outdir)]
+        argv.append(str(kernel.root / "lib/modules" / kernel.release))
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env()
