@@ -7,9 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from capwatch.pipeline import Check
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -148,3 +152,29 @@ class FakeSource:
         self.deleted += keys
         for k in keys:
             self.counts.pop(k, None)
+
+
+def a_denial(**kw: Any) -> Check:
+    """A denial record as the pipeline makes it (capwatch.pipeline.Check): ``date``
+    denied CAP_SYS_TIME in clock_settime on the host, joined with an unknown
+    outcome; any field can be given."""
+    base = Check(
+        time=1_700_000_000.0,
+        pid=7,
+        tid=7,
+        uid=0,
+        comm="date",
+        cgroup_id=5,
+        container="host",
+        kind="host",
+        runtime="host",
+        container_id="",
+        container_name="",
+        pod="",
+        namespace="",
+        cap=25,
+        denied=True,
+        syscall_nr=227,  # clock_settime
+        joined=True,
+    )
+    return replace(base, **kw)

@@ -52,21 +52,14 @@ def host_facts(args: argparse.Namespace, mode: str, config: Any) -> dict[str, An
 
 def run_record(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch.attribution.containers import Attributor
-    from capwatch.kernel import bpf
+    from capwatch.commands.trace import program_config
     from capwatch.kernel.session import Session, stop_on_signals
     from capwatch.record.writer import Recorder
 
     where = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(where) or not os.access(where, os.W_OK):
         raise RecordingError(f"cannot write {args.output}: {where} is not a writable directory")
-    config = bpf.ProgramConfig(
-        emit_all=args.all,
-        unique=args.unique,
-        filter_pid=args.pid,
-        filter_cap=args.cap,
-        outcome=args.outcome,
-        check_pages=args.ring_pages,
-    )
+    config = program_config(args)
     stop = threading.Event()
     stop_on_signals(stop)
     session = Session(config, args.attach, kernel_headers=args.kernel_headers)

@@ -16,9 +16,24 @@ from capwatch.diagnose.policy import Policy
 from capwatch.pipeline import Clock, Pipeline, Sink, status_of
 
 if TYPE_CHECKING:
+    from capwatch.kernel.bpf import ProgramConfig
     from capwatch.record.writer import Recorder
 
-__all__ = ["run_trace", "trace_pipeline"]
+__all__ = ["program_config", "run_trace", "trace_pipeline"]
+
+
+def program_config(args: argparse.Namespace) -> ProgramConfig:
+    """The kernel program trace and record load: the same options, one place."""
+    from capwatch.kernel.bpf import ProgramConfig
+
+    return ProgramConfig(
+        emit_all=args.all,
+        unique=args.unique,
+        filter_pid=args.pid,
+        filter_cap=args.cap,
+        outcome=args.outcome,
+        check_pages=args.ring_pages,
+    )
 
 
 def trace_pipeline(
@@ -84,7 +99,6 @@ def _tee(
 
 def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from capwatch.attribution.containers import Attributor
-    from capwatch.kernel import bpf
     from capwatch.kernel.session import Session, stop_on_signals
     from capwatch.sinks.recent import RecentDenials
     from capwatch.sinks.render import JsonWriter, TableWriter
@@ -93,14 +107,7 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     keep = WorkloadFilter(
         container=args.container, pod=args.pod, namespace=args.namespace, host_only=args.host_only
     )
-    config = bpf.ProgramConfig(
-        emit_all=args.all,
-        unique=args.unique,
-        filter_pid=args.pid,
-        filter_cap=args.cap,
-        outcome=args.outcome,
-        check_pages=args.ring_pages,
-    )
+    config = program_config(args)
     stop = threading.Event()
     stop_on_signals(stop)
     session = Session(config, args.attach, kernel_headers=args.kernel_headers)

@@ -4,7 +4,6 @@ the container in every finding, short-lived container processes, and the text fi
 from __future__ import annotations
 
 import errno
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from capwatch.diagnose.explain import DenialFacts, explain, fold
 from capwatch.diagnose.outcome import Joined, OutcomeJoiner, role_of
 from capwatch.pipeline import Check
 from capwatch.sinks.recent import RecentDenials, read_recent
+from tests.helpers import a_denial
 
 NR = {name: nr for nr, name in syscall_table().items()}
 NET_ADMIN = parse_cap("CAP_NET_ADMIN")
@@ -147,27 +147,7 @@ class TestExplainAsynchronous:
 
 
 def _denial(**kw: object) -> Check:
-    """A denial record as the pipeline makes it (capwatch.pipeline.Check)."""
-    base = Check(
-        time=1_700_000_000.0,
-        pid=7,
-        tid=7,
-        uid=0,
-        comm="date",
-        cgroup_id=5,
-        container="host",
-        kind="host",
-        runtime="host",
-        container_id="",
-        container_name="",
-        pod="",
-        namespace="",
-        cap=25,
-        denied=True,
-        syscall_nr=227,  # clock_settime
-        joined=True,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return a_denial(**kw)
 
 
 class TestRecentKeepsEachOutcome:

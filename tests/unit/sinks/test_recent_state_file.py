@@ -9,26 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from capwatch.pipeline import Check
 from capwatch.sinks.recent import RecentDenials, read_recent
+from tests.helpers import a_denial
 
-DENIAL = Check(
-    time=1_700_000_000.0,
+DENIAL = a_denial(
     pid=4242,
     tid=4242,
-    uid=0,
-    comm="date",
     cgroup_id=9,
     container="web",
     kind="podman",
     runtime="podman",
     container_id="ab" * 32,
     container_name="web",
-    pod="",
-    namespace="",
-    cap=25,
-    denied=True,
-    syscall_nr=227,  # clock_settime
+    joined=False,
 )
 
 
