@@ -136,10 +136,15 @@ def workloads(out: Path) -> dict[str, Any]:
     facts["ptrace_stat"] = {"pid": pid_of(p), "rc": p.returncode, "stderr": p.stderr}
     moddir = Path("/lib/modules") / platform.release()
     if not moddir.exists() and len(sys.argv) > 2:
-        # The kernel's own modules, from its unpacked package (the root is read-only).
-        if not os.path.ismount("/lib/modules"):
-            run(["mount", "-t", "tmpfs", "none", "/lib/modules"])
-        moddir.symlink_to(sys.argv[2])
+        # vng leaves a dangling link here: point it at the kernel's unpacked package.
+        try:
+            if not os.path.ismount("/lib/modules"):
+                run(["mount", "-t", "tmpfs", "none", "/lib/modules"])
+            if moddir.is_symlink():
+                moddir.unlink()
+            moddir.symlink_to(sys.argv[2])
+        except OSError as exc:
+            facts["modules_link_error"] = str(exc)
     info = run(["modinfo", "-n", MODULE])
     facts["modprobe"] = {
         "module": MODULE,
