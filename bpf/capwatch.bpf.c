@@ -399,7 +399,9 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 	u8 one8 = 1;
 	/* Allowed checks only: denials keep their own (rate-limited) path, so a
 	 * unique stream still carries every denial (serve --profiles counts them). */
-	if (!denied && seen.insert(&sk, &one8) != 0)
+	/* A lookup first: a failed insert into an LRU hash still takes a node
+	 * from its free list and the bucket lock (measured: +410 ns a check). */
+	if (!denied && (seen.lookup(&sk) || seen.insert(&sk, &one8) != 0))
 		return 0; /* seen before (or the table is full of newer tuples) */
 #endif
 
