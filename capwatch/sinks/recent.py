@@ -154,11 +154,16 @@ class RecentDenials:
     @staticmethod
     def owner(rec: dict[str, Any]) -> tuple[Any, ...]:
         """Whose denial this is, for fairness: a user's delegated cgroups are all
-        that user's (it can make them at will); a container, pod or host
-        cgroup is itself."""
-        if rec.get("kind") == "user-delegated":
+        that user's (it can make them at will), cgroups never attributed are one
+        group; a container, pod or host cgroup is itself."""
+        kind = rec.get("kind")
+        if kind == "user-delegated":
             return ("user", str(rec.get("container", "")).split(":", 1)[0])
-        return (rec.get("kind"), rec.get("container_id") or rec.get("container"))
+        if kind == "unknown":
+            # cgroups gone before they could be attributed (a tenant's churn): one
+            # group, whatever their ids, or each would count as a workload of its own
+            return ("unknown",)
+        return (kind, rec.get("container_id") or rec.get("container"))
 
     def _evict(self) -> None:
         """Drop the oldest record of whoever holds the most: a tenant flooding

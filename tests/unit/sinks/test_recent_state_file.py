@@ -144,6 +144,27 @@ class TestFairness:
         assert 100 == len(found)
         assert "date" in [e.comm for e in found]
 
+    def test_unattributed_cgroups_count_as_one(self, tmp_path: Path) -> None:
+        """Cgroups gone before attribution (kind unknown, cgroup:<id>) are one group:
+        500 of them cannot push a container's denial out."""
+        r = RecentDenials(str(tmp_path / "state" / "recent.json"), limit=100)
+        r.write(DENIAL)
+        for i in range(500):
+            r.write(
+                replace(
+                    DENIAL,
+                    comm="python3",
+                    kind="unknown",
+                    runtime="unknown",
+                    container=f"cgroup:{1000 + i}",
+                    container_id="",
+                    container_name="",
+                    cgroup_id=1000 + i,
+                )
+            )
+        r.close()
+        assert "date" in [e.comm for e in read_recent(r.path, 100)]
+
     def test_plain_recency_among_equals(self, tmp_path: Path) -> None:
         """Among workloads with one record each, the oldest goes first."""
         r = RecentDenials(str(tmp_path / "state" / "recent.json"), limit=3)
