@@ -125,6 +125,13 @@ def _check_modprobe_denied(res: dict[str, Any], mode: str) -> None:
     """The seed scenario: modprobe of a real module of this kernel without CAP_SYS_MODULE
     is denied CAP_SYS_MODULE in finit_module, and the module stays unloaded."""
     w = res["workloads"]["modprobe"]
+    if w["modinfo"][0] != 0 or "not found" in w.get("stderr", ""):
+        # modprobe never reached finit_module: the guest's /lib/modules (linked by
+        # virtme-ng, or by the guest from the unpacked package) does not hold the
+        # module. A harness limit, said as such; capwatch was not exercised.
+        pytest.skip(
+            f"the guest cannot find module {w['module']}: {w['modinfo']} {w.get('stderr', '')!r}"
+        )
     assert not w["loaded_before"], w
     assert 0 != w["rc"], w
     assert not w["loaded_after"], w
