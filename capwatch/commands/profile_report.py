@@ -10,12 +10,15 @@ import math
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, TextIO
+from dataclasses import fields
+from typing import Any, TextIO, TypeVar
 
 from capwatch.diagnose.profiles import ContainerReport, HeldSample, ProfileSample, report
 from capwatch.errors import CapwatchError, UsageError
 
 __all__ = ["from_exposition", "from_prometheus", "run_profile_report"]
+
+T = TypeVar("T")
 
 _TIMEOUT = 30.0
 
@@ -68,32 +71,18 @@ def _query(url: str, promql: str) -> list[dict[str, Any]]:
     return [r for r in result if isinstance(r, dict)]
 
 
+def _labelled(cls: type[T], labels: dict[str, str], **given: Any) -> T:
+    """A sample dataclass from a series' labels (a missing label is ""), plus ``given``."""
+    names = (f.name for f in fields(cls) if f.name not in given)  # type: ignore[arg-type]
+    return cls(**{n: labels.get(n, "") for n in names}, **given)
+
+
 def _seen(labels: dict[str, str], value: float) -> ProfileSample:
-    return ProfileSample(
-        namespace=labels.get("namespace", ""),
-        workload_kind=labels.get("workload_kind", ""),
-        workload=labels.get("workload", ""),
-        container=labels.get("container", ""),
-        pod=labels.get("pod", ""),
-        node=labels.get("node", ""),
-        capability=labels.get("capability", ""),
-        syscall=labels.get("syscall", ""),
-        use=labels.get("use", "needed"),
-        last_seen=value,
-    )
+    return _labelled(ProfileSample, labels, use=labels.get("use", "needed"), last_seen=value)
 
 
 def _held(labels: dict[str, str]) -> HeldSample:
-    return HeldSample(
-        namespace=labels.get("namespace", ""),
-        workload_kind=labels.get("workload_kind", ""),
-        workload=labels.get("workload", ""),
-        container=labels.get("container", ""),
-        pod=labels.get("pod", ""),
-        node=labels.get("node", ""),
-        capability=labels.get("capability", ""),
-        source=labels.get("source", ""),
-    )
+    return _labelled(HeldSample, labels)
 
 
 def from_prometheus(url: str, selector: str, since_s: float) -> list[ContainerReport]:
