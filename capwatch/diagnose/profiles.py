@@ -75,23 +75,41 @@ def held_capabilities(
     else:
         source = f"the {runtime} default set"
     held = set(default)
+    dropped, bad_drop = _parse_names(drop)
+    added, bad_add = _parse_names(add)
     if any(d.upper() == "ALL" for d in drop):
         held.clear()
         source = "drop: [ALL]"
     else:
-        for d in drop:
-            held.discard(_cap_or_none(d) if _cap_or_none(d) is not None else -1)
-        if drop:
-            source += f" less {', '.join(sorted(drop))}"
+        held -= dropped
+        if dropped:
+            source += f" less {_names(dropped)}"
     if any(a.upper() == "ALL" for a in add):
         return _ALL, "add: [ALL]"
-    for a in add:
-        c = _cap_or_none(a)
-        if c is not None:
-            held.add(c)
-    if add:
-        source += f" plus {', '.join(sorted(add))}"
+    held |= added
+    if added:
+        source += f" plus {_names(added)}"
+    if bad_add + bad_drop:
+        # spec strings are a tenant's: named only when they are capabilities
+        source += f" ({bad_add + bad_drop} names that are not capabilities ignored)"
     return frozenset(held), source
+
+
+def _parse_names(names: list[str]) -> tuple[set[int], int]:
+    """The capabilities among ``names`` (ALL aside), and how many are not one."""
+    caps: set[int] = set()
+    bad = 0
+    for n in names:
+        c = _cap_or_none(n)
+        if c is not None:
+            caps.add(c)
+        elif n.upper() != "ALL":
+            bad += 1
+    return caps, bad
+
+
+def _names(caps: set[int]) -> str:
+    return ", ".join(sorted(cap_short(c) for c in caps))
 
 
 def _cap_or_none(name: str) -> int | None:

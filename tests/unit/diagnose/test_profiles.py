@@ -235,3 +235,15 @@ class TestReport:
             ]["capabilities"]["add"]
             assert [cap_name(n).removeprefix("CAP_")] == add
             assert n == parse_cap(add[0])
+
+
+def test_spec_strings_that_are_not_capabilities_never_reach_the_source() -> None:
+    """A tenant writes the pod spec: an escape sequence or a huge list in
+    capabilities.add is counted, not copied into the held series' label."""
+    hostile = ["\x1b]52;c;aGk=\x07", "X" * 10_000, "NET_ADMIN"]
+    caps, source = held_capabilities({"capabilities": {"add": hostile}}, "containerd")
+    assert "CAP_NET_ADMIN" in names(caps)
+    assert (
+        "the containerd default set plus NET_ADMIN (2 names that are not capabilities ignored)"
+        == source
+    )
