@@ -32,6 +32,7 @@ from capwatch.attribution.k8s import PodCache, PodInfo
 from capwatch.decode.caps import cap_name
 from capwatch.diagnose.profiles import ProfileBook, ProfileKey, held_capabilities, owner_of, use_of
 from capwatch.pipeline import Check
+from capwatch.text import visible
 
 __all__ = ["PROFILE_METRICS", "ProfileSink"]
 
@@ -142,6 +143,7 @@ class ProfileSink(Collector):
                 key.namespace, kind, workload, key.container, key.pod, self.node,
                 key.capability, key.syscall, key.use,
             ]  # fmt: skip
+            labels = [visible(v) for v in labels]  # names are a tenant's or a runtime's
             first.add_metric(labels, t_first)
             last.add_metric(labels, t_last)
         yield first
@@ -156,9 +158,8 @@ class ProfileSink(Collector):
             for container, sc in sorted(pod.security.items()):
                 caps, source = held_capabilities(sc, pod.runtime)
                 for c in sorted(caps):
-                    held.add_metric(
-                        [ns, kind, workload, container, name, self.node, cap_name(c), source], 1.0
-                    )
+                    values = [ns, kind, workload, container, name, self.node, cap_name(c), source]
+                    held.add_metric([visible(v) for v in values], 1.0)
         yield held
         over = CounterMetricFamily(
             "capwatch_profile_overflow",
