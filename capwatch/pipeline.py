@@ -389,12 +389,11 @@ class Pipeline:
         joined = self.joiner is not None and ev.denied
         rule: str | None = None
         if self.policy is not None and (ev.denied or self.classify_allowed):
-            container = "host" if w.kind == "host" else ident["container"]
             r = self.policy.classify(
                 cap=ev.cap,
                 syscall=syscall_name(ev.syscall_nr),
                 comm=ev.comm,
-                container=container,
+                container=ident["container"],  # "host" for the host (Workload.label)
                 pod=ident["pod"],
                 namespace=ident["namespace"],
             )
