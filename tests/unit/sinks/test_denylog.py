@@ -15,6 +15,7 @@ from capwatch.decode.caps import parse_cap
 from capwatch.decode.syscalls import syscall_table
 from capwatch.pipeline import Check
 from capwatch.sinks.denylog import DenialLog
+from tests.helpers import a_denial
 
 T0 = 1_700_000_040.0  # 2023-11-14T22:14:00Z, aligned to a minute
 
@@ -45,12 +46,11 @@ def denial(**kw: Any) -> Check:
     if "other" in (capability, syscall):  # another key: any other real name
         capability = "CAP_SYS_ADMIN" if capability == "other" else capability
         syscall = "mount" if syscall == "other" else syscall
-    base = Check(
+    base = a_denial(
         time=T0,
         pid=4242,
         tid=4242,
         uid=1000,
-        comm="date",
         cgroup_id=77,
         container="web",
         kind="kubernetes",
@@ -60,8 +60,8 @@ def denial(**kw: Any) -> Check:
         pod="web-7d9f",
         namespace="shop",
         cap=parse_cap(capability),
-        denied=True,
         syscall_nr=_NR[syscall],
+        joined=False,
         rule=rule,
     )
     return replace(base, **kw)
