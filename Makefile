@@ -24,7 +24,7 @@ test: setup
 
 # Only the VM matrix: Debian's 6.1 and 6.12 kernels booted in QEMU, capwatch's
 # fexit and kprobe modes run inside (tests/vm; kernels cached in
-# /var/cache/capwatch-kernels). Part of `make test` too.
+# /var/lib/capwatch-kernels). Part of `make test` too.
 test-kernels: setup
 	$(PY) -m pytest tests/vm -m vm $(PYTEST_ARGS)
 

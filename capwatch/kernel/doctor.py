@@ -104,6 +104,12 @@ def run_doctor(
         return r
     any_ok = False
     for mode in modes or MODES:
+        # What the kernel's facts rule out is said, not compiled (a compile takes
+        # seconds, minutes under emulation), as auto decides (attach.select_mode).
+        why_not = unavailable(mode, facts)
+        if why_not:
+            r.add(f"attach {mode}", False, f"not tried: {why_not}", required=False)
+            continue
         try:
             prog = _bpf.load(
                 _bpf.ProgramConfig(denial_pages=1), mode, kernel_headers=kernel_headers

@@ -188,6 +188,17 @@ class TestPrivilegesAndHeaders:
         assert checks["attach raw_tracepoint"]
         assert checks["attach tracepoint"]
         assert {"attach fexit", "attach kprobe"} <= checks.keys()
+        # A mode the kernel's facts rule out is named with the reason, not compiled.
+        from capwatch.kernel.attach import unavailable
+        from capwatch.kernel.facts import read_kernel_facts
+
+        details = {c["name"]: c["detail"] for c in doc["checks"]}
+        facts = read_kernel_facts()
+        for mode in ("raw_tracepoint", "tracepoint", "fexit", "kprobe"):
+            why = unavailable(mode, facts)
+            if why:
+                assert f"not tried: {why}" == details[f"attach {mode}"]
+                assert not checks[f"attach {mode}"]
 
 
 class TestOutcome:

@@ -5,7 +5,9 @@ newest `linux-image-6.12.N+deb12-amd64` (the 6.12 LTS Debian 12 ships) in the
 configured apt sources. Each package is fetched with `apt-get download`,
 unpacked with `dpkg-deb -x` (nothing is installed) and indexed with `depmod`
 into a cache outside git (CAPWATCH_KERNEL_CACHE, default
-/var/cache/capwatch-kernels); a second run reuses it.
+/var/lib/capwatch-kernels); a second run reuses it. Not under /var/cache:
+virtme-ng mounts a tmpfs over the guest's /var/cache, which would leave the
+guest's /lib/modules/RELEASE link dangling (modprobe: "Module not found").
 
 The guest shares the host's root file system read-only over 9p (virtme-ng),
 so it runs this checkout with this venv; virtme-ng finds the modules of a
@@ -35,7 +37,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "guest.py"
-CACHE = Path(os.environ.get("CAPWATCH_KERNEL_CACHE", "/var/cache/capwatch-kernels"))
+CACHE = Path(os.environ.get("CAPWATCH_KERNEL_CACHE", "/var/lib/capwatch-kernels"))
 #: series -> the package-name pattern of Debian 12's amd64 images of it (first group: the build)
 SERIES = {
     "6.1": re.compile(r"^linux-image-(6\.1\.0-(\d+)-amd64)$"),
@@ -204,7 +206,6 @@ class Boot:
         self.log = (outdir / "vng.log").open("w")
         argv = [*_vng_argv(kernel, outdir, accel, "4G", 2), "--"]
         argv += [sys.executable, str(GUEST), str(outdir)]
-        argv.append(str(kernel.root / "lib/modules" / kernel.release))
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env()
