@@ -47,7 +47,9 @@ def require_tool(name: str) -> str:
     return path
 
 
-def c_header_values(workdir: Path, exprs: dict[str, str], *, decls: str = "") -> dict[str, int]:
+def c_header_values(
+    workdir: Path, exprs: dict[str, str], *, decls: str = "", includes: tuple[str, ...] = ()
+) -> dict[str, int]:
     """Evaluate integer C expressions (sizeof, offsetof, macros) against
     bpf/capwatch.h with the host C compiler: the reference that Python mirrors
     of the header are checked against. ``decls`` go at the top of main()."""
@@ -59,6 +61,7 @@ def c_header_values(workdir: Path, exprs: dict[str, str], *, decls: str = "") ->
         "#include <stddef.h>",
         "#include <linux/types.h>",
         '#include "capwatch.h"',
+        *(f"#include <{h}>" for h in includes),
         "int main(void) {",
         decls,
     ]

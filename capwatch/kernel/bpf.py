@@ -470,10 +470,25 @@ class LoadedProgram:
         out = {}
         for i, name in enumerate(STAT_NAMES):
             out[name] = int(sum(table[ctypes.c_int(i)]))
+        out["recursion_misses"] = self.recursion_misses() or 0
         out["count_evicted"] = self._evicted
         out["held_evicted"] = self._held_evicted
         out["inconsistent_reads"] = self.inconsistent_reads
         return out
+
+    def recursion_misses(self) -> int | None:
+        """Runs of the cap_capable programs the kernel skipped because one was
+        already running on that CPU (kernel/proginfo.py): checks not counted.
+        None when the kernel keeps no such count (before 5.12)."""
+        from capwatch.kernel.proginfo import recursion_misses
+
+        found = [
+            recursion_misses(int(fn.fd))
+            for name, fn in getattr(self._bpf, "funcs", {}).items()
+            if b"cap_capable" in name
+        ]
+        known = [n for n in found if n is not None]
+        return sum(known) if known else None
 
     def close(self) -> None:
         if self._bpf is not None:

@@ -471,9 +471,12 @@ class CapwatchCollector(Collector):
         yield unc
         yield CounterMetricFamily(
             "capwatch_checks_uncounted",
-            "Checks not counted: the count map was full, or (kprobe mode) a return"
-            " came without its entry's arguments.",
-            value=stats.get("count_fail", 0) + stats.get("kprobe_unpaired", 0),
+            "Checks not counted: the count map was full, (kprobe mode) a return"
+            " came without its entry's arguments, or the kernel skipped the program"
+            " because it was already running on that CPU (recursion).",
+            value=stats.get("count_fail", 0)
+            + stats.get("kprobe_unpaired", 0)
+            + stats.get("recursion_misses", 0),
         )
         yield CounterMetricFamily(
             "capwatch_denials_uncounted",

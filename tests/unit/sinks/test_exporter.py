@@ -67,13 +67,13 @@ class TestCollector:
         assert 2 == m['capwatch_events_lost_total{ring="checks"}']
         assert 5 == m["capwatch_denials_suppressed_total"]
 
-    def test_uncounted_sums_full_map_and_unpaired_kprobe_returns(self) -> None:
-        """A check the count map had no room for and a kprobe return without its entry's
-        arguments are both checks that were not counted."""
+    def test_uncounted_sums_full_map_unpaired_kprobe_returns_and_recursion(self) -> None:
+        """A check the count map had no room for, a kprobe return without its entry's
+        arguments and a run the kernel skipped (recursion) are all checks not counted."""
         src = FakeSource()
-        src.stats.update(count_fail=3, kprobe_unpaired=4)
+        src.stats.update(count_fail=3, kprobe_unpaired=4, recursion_misses=5)
         m = scrape(ExporterState(src, workloads({})))  # type: ignore[arg-type]
-        assert 7 == m["capwatch_checks_uncounted_total"]
+        assert 12 == m["capwatch_checks_uncounted_total"]
 
     def test_denials_labelled_at_scrape(self) -> None:
         """count_denial is keyed by cgroup; labels (and expected) are attached at scrape time."""
