@@ -510,10 +510,15 @@ static __always_inline int cw_sys_exit(s64 ret)
  * capabilities inside sendmsg() and put the -EPERM into the NLMSG_ERROR reply
  * that a later recvmsg() reads; sendmsg itself returns the byte count
  * (net/netlink/af_netlink.c netlink_rcv_skb -> netlink_ack, Linux 2.6.x to
- * 6.18). Reading the reply would mean reading skb payloads; instead a process
- * with a denial inside a send-family syscall that succeeded is remembered
- * here, and its exit_group() status is sent (CW_F_EXIT) when it exits. */
+ * 6.18). A process with a denial inside a send-family syscall that succeeded
+ * is remembered here; the first NLMSG_ERROR message it then reads with
+ * recvmsg/recvfrom is sent (CW_F_REPLY, with the reply's error), or, if it
+ * reads none, its exit_group() status (CW_F_EXIT) when it exits. */
 BPF_TABLE("lru_hash", u32, u8, asyncwait, 4096);
+/* How many processes asyncwait holds (an LRU eviction leaves it high: then
+ * the recv check below costs a lookup more, never a wrong answer). Zero in
+ * the common case, so a syscall exit pays one array read for replies. */
+BPF_ARRAY(async_gate, u64, 1);
 
 static __always_inline int cw_is_send(s32 nr)
 {
@@ -541,7 +546,98 @@ static __always_inline void cw_async_note(s64 ret)
 		return;
 	u32 tgid = pid_tgid >> 32;
 	u8 one = 1;
-	asyncwait.update(&tgid, &one);
+	if (asyncwait.insert(&tgid, &one) == 0) {
+		u64 *ag = async_gate.lookup(&zero);
+		if (ag)
+			__sync_fetch_and_add(ag, 1);
+	}
+}
+
+static __always_inline int cw_is_recv(s32 nr)
+{
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	return nr == 45 || nr == 47; /* recvfrom, recvmsg */
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	return nr == 207 || nr == 212;
+#else
+	return 0;
+#endif
+}
+
+/* struct nlmsghdr followed by struct nlmsgerr's error (uapi/linux/netlink.h). */
+struct cw_nlerr {
+	u32 len;
+	u16 type;
+	u16 flags;
+	u32 seq;
+	u32 port;
+	s32 error;
+};
+
+/* A recv of a process that waits for a reply: if the first message it read
+ * is an NLMSG_ERROR, send its error. The user buffer was just written by the
+ * kernel (resident); recvmsg's first iovec is where the message starts. */
+static __always_inline void cw_async_reply(s64 ret)
+{
+	u32 zero = 0;
+	if (ret < (s64)sizeof(struct cw_nlerr))
+		return;
+	u64 *ag = async_gate.lookup(&zero);
+	if (!ag || *ag == 0)
+		return;
+	s32 nr = current_syscall();
+	if (!cw_is_recv(nr))
+		return;
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u32 tgid = pid_tgid >> 32;
+	if (!asyncwait.lookup(&tgid))
+		return;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	u64 arg = 0, buf = 0;
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	arg = regs->si;
+	int is_msg = nr == 47;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	arg = regs->regs[1];
+	int is_msg = nr == 212;
+#else
+	int is_msg = 0;
+#endif
+	if (is_msg) {
+		u64 iov = 0; /* struct user_msghdr: msg_iov at offset 16 (LP64) */
+		if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(arg + 16)) || !iov)
+			return;
+		if (bpf_probe_read_user(&buf, sizeof(buf), (const void *)iov))
+			return;
+	} else {
+		buf = arg;
+	}
+	struct cw_nlerr m = {};
+	if (!buf || bpf_probe_read_user(&m, sizeof(m), (const void *)buf))
+		return;
+	/* NLMSG_ERROR, a length that fits what was read, an errno or 0 */
+	if (m.type != 2 || m.len < sizeof(m) || m.len > ret || m.error > 0 || m.error < -4095)
+		return;
+	if (asyncwait.delete(&tgid) == 0)
+		__sync_fetch_and_add(ag, -1);
+	struct cw_event *e = denials.ringbuf_reserve(sizeof(*e));
+	if (!e) {
+		stat_inc(CW_STAT_LOST_OUTCOMES);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->pid = tgid;
+	e->tid = (u32)pid_tgid;
+	e->uid = (u32)bpf_get_current_uid_gid();
+	e->cap = -1;
+	e->syscall_nr = nr;
+	e->ret = m.error;
+	e->flags = CW_F_OUTCOME | CW_F_REPLY;
+	e->suppressed = 0;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	denials.ringbuf_submit(e, 0);
 }
 
 /* syscalls:sys_enter_exit_group: runs once per exiting process, not per
@@ -552,6 +648,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
 	u32 tgid = pid_tgid >> 32;
 	if (asyncwait.delete(&tgid) != 0)
 		return 0;
+	u32 zero = 0;
+	u64 *ag = async_gate.lookup(&zero);
+	if (ag)
+		__sync_fetch_and_add(ag, -1);
 	struct cw_event *e = denials.ringbuf_reserve(sizeof(*e));
 	if (!e) {
 		stat_inc(CW_STAT_LOST_OUTCOMES);
@@ -717,6 +817,7 @@ RAW_TRACEPOINT_PROBE(sys_exit)
 	cw_refusal((s64)ctx->args[1]);
 #endif
 	cw_async_note((s64)ctx->args[1]);
+	cw_async_reply((s64)ctx->args[1]);
 	return cw_sys_exit((s64)ctx->args[1]);
 }
 #endif

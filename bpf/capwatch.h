@@ -27,6 +27,10 @@
  *                 return value. */
 #define CW_F_EXIT 0x100
 #define CW_F_REFUSAL 0x200
+/*   CW_F_REPLY    ret is the error of the NLMSG_ERROR reply that such a process
+ *                 read next (recvmsg/recvfrom): -EPERM, another -errno, or 0
+ *                 (the request was acknowledged). Sent instead of CW_F_EXIT. */
+#define CW_F_REPLY 0x400
 
 struct cw_event {
 	__u64 ts_ns;	 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

@@ -30,7 +30,7 @@ from capwatch.decode.events import Batch, Event, events_from_batch
 from capwatch.decode.procfs import ProcStatus, read_status
 from capwatch.decode.syscalls import syscall_name
 from capwatch.diagnose.explain import DenialFacts
-from capwatch.diagnose.outcome import Joined, OutcomeJoiner, outcome_text, role_of
+from capwatch.diagnose.outcome import Joined, OutcomeJoiner, outcome_text, reply_text, role_of
 from capwatch.diagnose.policy import Policy
 from capwatch.errors import CapwatchError
 
@@ -75,6 +75,7 @@ class Check:
     suppressed: int = 0  # denials of this key the kernel rate-limited since its last event
     ret: int | None = None  # the syscall's result, when joined and known
     exit_code: int | None = None  # the process's exit status (asynchronous refusals)
+    reply: int | None = None  # the netlink reply's error, 0 for an ack (asynchronous refusals)
     joined: bool = False  # whether outcomes were joined (--outcome)
     rule: str | None = None  # what made a denial expected (a policy rule, outcome:ENODEV)
     status: ProcStatus | None = field(default=None, compare=False)  # sets read at the denial
@@ -99,7 +100,7 @@ class Check:
     def role(self) -> str | None:
         """cause | probe | unknown; a send-family denial whose syscall succeeded is
         never a probe (netlink answers in the reply): see diagnose.outcome.role_of."""
-        return role_of(self.ret, self.syscall, self.exit_code) if self.joined else None
+        return role_of(self.ret, self.syscall, self.exit_code, self.reply) if self.joined else None
 
     @property
     def expected(self) -> bool | None:
@@ -145,6 +146,8 @@ class Check:
                 rec["syscall_ret"] = self.ret
             if self.exit_code is not None:
                 rec["exit_code"] = self.exit_code
+            if self.reply is not None:
+                rec["reply"], rec["reply_ret"] = reply_text(self.reply), self.reply
         if self.denied:
             rec["expected"], rec["rule"] = self.expected, self.rule
         if self.service:
@@ -192,6 +195,7 @@ class Check:
                 suppressed=int(rec.get("suppressed", 0)),
                 ret=None if ret is None else int(ret),
                 exit_code=None if rec.get("exit_code") is None else int(rec["exit_code"]),
+                reply=None if rec.get("reply_ret") is None else int(rec["reply_ret"]),
                 joined="outcome" in rec,
                 rule=None if rec.get("rule") is None else str(rec["rule"]),
                 status=_status_from(rec),
@@ -248,6 +252,7 @@ def facts_of(c: Check, *, count: int | None = None) -> DenialFacts:
         userns=c.userns,
         count=c.count if count is None else count,
         exit_code=c.exit_code,
+        reply=c.reply,
         uid=c.uid,
         container_id=c.container_id,
     )
@@ -424,6 +429,7 @@ class Pipeline:
             suppressed=ev.suppressed,
             ret=j.ret if joined else None,
             exit_code=j.exit_code if joined else None,
+            reply=j.reply if joined else None,
             joined=joined,
             rule=rule,
             status=(

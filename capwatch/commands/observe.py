@@ -46,6 +46,7 @@ from capwatch.diagnose.follow import (
     tolerate_runtime,
     wait_for,
 )
+from capwatch.diagnose.outcome import reply_text
 from capwatch.diagnose.policy import Policy
 from capwatch.diagnose.refusals import Refusal, gather, judge, tolerated_runtime, with_stand_in
 from capwatch.errors import CapwatchError, UsageError
@@ -518,6 +519,7 @@ def advice_of(col: Findings, seconds: float, label: str) -> Advice:
             role=c.role or "unknown",
             outcome=c.outcome or "unknown",
             probe_rule=_policy_rule(c),
+            reply=reply_text(c.reply),
         )
         for c in col.denials
     ]

@@ -29,6 +29,7 @@ __all__ = [
     "F_OPTS_KNOWN",
     "F_OUTCOME",
     "F_REFUSAL",
+    "F_REPLY",
     "F_USERNS",
     "F_USERNS_KNOWN",
     "Batch",
@@ -46,6 +47,7 @@ F_USERNS_KNOWN = 0x20
 F_OUTCOME = 0x40
 F_EXIT = 0x100  # with F_OUTCOME: ret is a process's exit status (capwatch.h)
 F_REFUSAL = 0x200  # with F_OUTCOME: EPERM/EACCES with no capability denied in the syscall
+F_REPLY = 0x400  # with F_OUTCOME: ret is the error of the netlink reply such a process read
 
 #: numpy mirror of struct cw_event (little-endian, as on x86_64 and arm64).
 EVENT_DTYPE = np.dtype(
@@ -100,6 +102,12 @@ class Event:
         """Not a check: ``ret`` is the exit status of a process that had a denial in a
         send-family syscall that succeeded (its refusal may have come in a reply)."""
         return bool(self.flags & F_EXIT)
+
+    @property
+    def is_reply(self) -> bool:
+        """Not a check: ``ret`` is the error field (0: acknowledged) of the first
+        NLMSG_ERROR reply that a process waiting like :attr:`is_exit`'s read."""
+        return bool(self.flags & F_REPLY)
 
     @property
     def is_refusal(self) -> bool:

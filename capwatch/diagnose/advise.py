@@ -38,6 +38,7 @@ class Observation:
     outcome: str = "unknown"
     probe_rule: str | None = None  # the policy rule that calls this check a known probe
     count: int = 1
+    reply: str = ""  # the netlink reply read after a send-family call: EPERM, ack, ...
 
 
 @dataclass
@@ -144,9 +145,17 @@ def advise(observations: list[Observation], *, duration_s: float, target: str) -
         elif not o.denied:
             a.ignored.setdefault(o.cap, []).append(f"known probe ({o.probe_rule}): {what}")
         elif o.role == "cause" and o.outcome == "success":
+            how = (
+                f"the netlink reply said {o.reply}"
+                if o.reply
+                else "no reply seen, the process exited non-zero"
+            )
             a.missing.setdefault(o.cap, []).append(
-                f"{what}, refused in the reply (netlink: the call returned success, "
-                "the process exited non-zero)"
+                f"{what}, refused in the reply (the call returned success; {how})"
+            )
+        elif o.role == "probe" and o.reply:
+            a.ignored.setdefault(o.cap, []).append(
+                f"probe: {what}, the netlink reply said {o.reply}"
             )
         elif o.role == "cause":
             a.missing.setdefault(o.cap, []).append(f"{what}, the call failed with {o.outcome}")

@@ -13,7 +13,7 @@ from typing import Any
 from capwatch.attribution.containers import CONTAINER_KINDS
 from capwatch.decode.caps import DANGEROUS, cap_name, cap_short, parse_cap
 from capwatch.decode.procfs import ProcStatus
-from capwatch.diagnose.outcome import is_async_candidate, outcome_text, role_of
+from capwatch.diagnose.outcome import is_async_candidate, outcome_text, reply_text, role_of
 from capwatch.text import visible, visible_all
 
 __all__ = ["DenialFacts", "Explanation", "explain", "fold"]
@@ -65,6 +65,7 @@ class DenialFacts:
     userns: bool | None = None  # the resource's (target) user namespace is not the host's
     count: int = 1
     exit_code: int | None = None  # the process's exit status (asynchronous candidates)
+    reply: int | None = None  # the netlink reply's error, 0 for an ack (asynchronous candidates)
     uid: int | None = None  # the process's real uid when denied
     container_id: str = ""
     caps_source: str = ""  # where ``status``'s sets come from when not the process itself
@@ -91,6 +92,7 @@ class Explanation:
     pod: str = ""
     namespace: str = ""
     asynchronous: bool = False  # the refusal came (or may have come) in a later reply
+    reply: str = ""  # the netlink reply read after it: EPERM, ack, another errno; "" unseen
     caps_source: str = ""  # "" when the sets were the process's own
     #: what refused: capability | file permissions | no_new_privs
     verdict: str = "capability"
@@ -169,7 +171,7 @@ def _container_fixes(kind: str, short: str, f: DenialFacts) -> list[dict[str, st
 
 def explain(f: DenialFacts) -> Explanation:
     name, short = cap_name(f.cap), cap_short(f.cap)
-    role = role_of(f.ret, f.syscall, f.exit_code)
+    role = role_of(f.ret, f.syscall, f.exit_code, f.reply)
     asynchronous = is_async_candidate(f.ret, f.syscall)
     if role == "unknown" and f.known_probe and not asynchronous:
         role = "probe"
@@ -191,6 +193,7 @@ def explain(f: DenialFacts) -> Explanation:
         pod=f.pod,
         namespace=f.namespace,
         asynchronous=asynchronous,
+        reply=reply_text(f.reply) if asynchronous else "",
         caps_source=f.caps_source,
     )
     in_container = f.kind in CONTAINER_KINDS
@@ -209,6 +212,16 @@ def explain(f: DenialFacts) -> Explanation:
                 f"A known probe, not a cause ({f.known_probe}): the kernel checks "
                 f"{name} and carries on without it. Nothing to grant."
             )
+        elif asynchronous and f.reply is not None:
+            said = (
+                "acknowledged the request"
+                if f.reply == 0
+                else f"refused it with {reply_text(f.reply)}, not EPERM"
+            )
+            ex.summary = (
+                f"A probe, not a cause: {f.syscall} succeeded and the netlink reply {said}; "
+                f"the kernel checked {name} and went on without it. Nothing to grant."
+            )
         elif f.ret >= 0:
             ex.summary = (
                 f"A probe, not a cause: {f.syscall} succeeded anyway. The kernel "
@@ -220,11 +233,17 @@ def explain(f: DenialFacts) -> Explanation:
                 f"EPERM, so the missing {name} is not why it failed. Nothing to grant."
             )
         return ex
-    if role == "cause" and asynchronous:
+    if role == "cause" and asynchronous and f.reply is not None:
         ex.summary = (
             f"A cause (asynchronous): {f.syscall} returned success, but the kernel reports "
             f"netlink errors in the reply, not in the call; {name} was refused inside it and "
-            f"{f.comm} then exited with status {f.exit_code}."
+            f"the reply {f.comm} read said {reply_text(f.reply)}."
+        )
+    elif role == "cause" and asynchronous:
+        ex.summary = (
+            f"A cause (asynchronous): {f.syscall} returned success, but the kernel reports "
+            f"netlink errors in the reply, not in the call; {name} was refused inside it and "
+            f"{f.comm} then exited with status {f.exit_code} (the reply was not seen)."
         )
     elif asynchronous:
         seen = (
@@ -234,7 +253,7 @@ def explain(f: DenialFacts) -> Explanation:
         )
         ex.summary = (
             f"Unknown, not a probe: {f.syscall} succeeded, but on a netlink socket the kernel "
-            f"reports the refusal in the reply, which capwatch does not read; {seen}."
+            f"reports the refusal in the reply, and capwatch saw no reply read; {seen}."
         )
     elif role == "cause":
         ex.summary = f"{f.syscall} failed with {ex.outcome} because {name} is missing."

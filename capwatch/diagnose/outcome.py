@@ -12,8 +12,11 @@ Asynchronous refusals: a denial inside a send-family syscall that succeeded
 may still have failed the request, because netlink (rtnetlink, genetlink,
 nfnetlink) reports the error in the reply a later recvmsg reads. Such a
 denial is never called a probe from the syscall's return alone: it waits for
-the process's exit status (a CW_F_EXIT record) and is a *cause* when the
-process exited non-zero, *unknown* otherwise.
+the netlink reply the process reads next (a CW_F_REPLY record with the
+reply's error): a *cause* when the reply says EPERM/EACCES, a *probe* when it
+acknowledges the request or refuses it with another errno. When no reply is
+seen it waits for the process's exit status (a CW_F_EXIT record): a *cause*
+when the process exited non-zero, *unknown* otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "OutcomeJoiner",
     "is_async_candidate",
     "outcome_text",
+    "reply_text",
     "role_of",
 ]
 
@@ -56,19 +60,32 @@ def outcome_text(ret: int | None) -> str:
     return errno.errorcode.get(-ret, f"errno:{-ret}")
 
 
-def role_of(ret: int | None, syscall: str = "", exit_code: int | None = None) -> str:
+def role_of(
+    ret: int | None, syscall: str = "", exit_code: int | None = None, reply: int | None = None
+) -> str:
     """cause | probe | unknown.
 
-    A denial in a send-family syscall that succeeded is a cause when the
-    process then exited non-zero, unknown otherwise: never a probe.
+    A denial in a send-family syscall that succeeded is judged by the netlink
+    reply read next (``reply``: its error, 0 for an acknowledgement): a cause
+    when it says EPERM/EACCES, a probe otherwise. Without a reply: a cause
+    when the process then exited non-zero, unknown otherwise.
     """
     if ret is None:
         return "unknown"
     if ret < 0 and -ret in _CAUSE_ERRNOS:
         return "cause"
     if is_async_candidate(ret, syscall):
+        if reply is not None:
+            return "cause" if -reply in _CAUSE_ERRNOS else "probe"
         return "cause" if exit_code else "unknown"
     return "probe"
+
+
+def reply_text(reply: int | None) -> str:
+    """'EPERM', 'ack' (the request was acknowledged) or '' (no reply seen)."""
+    if reply is None:
+        return ""
+    return "ack" if reply == 0 else errno.errorcode.get(-reply, f"errno:{-reply}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +93,7 @@ class Joined:
     event: Event
     ret: int | None  # the syscall's return value; None when unknown
     exit_code: int | None = None  # the process's exit status, for asynchronous candidates
+    reply: int | None = None  # the netlink reply's error (0: ack), for asynchronous candidates
 
     @property
     def outcome(self) -> str:
@@ -92,7 +110,7 @@ class Joined:
 
     @property
     def role(self) -> str:
-        return role_of(self.ret, self.syscall, self.exit_code)
+        return role_of(self.ret, self.syscall, self.exit_code, self.reply)
 
     def fields(self) -> dict[str, object]:
         """What a record of this denial carries about its outcome (trace, serve, recent)."""
@@ -101,6 +119,8 @@ class Joined:
             out["syscall_ret"] = self.ret
         if self.exit_code is not None:
             out["exit_code"] = self.exit_code
+        if self.reply is not None:
+            out["reply"] = reply_text(self.reply)
         return out
 
 
@@ -111,7 +131,8 @@ class OutcomeJoiner:
     (the thread exited inside the syscall, or the record was lost) are
     emitted with ``ret=None`` by :meth:`expire` after ``max_wait_ns``.
     Asynchronous candidates (:func:`is_async_candidate`) are held by process
-    until its exit record (then emitted with ``exit_code``) or ``max_wait_ns``.
+    until its netlink reply (emitted with ``reply``), its exit record (emitted
+    with ``exit_code``) or ``max_wait_ns``.
     Refusal records (no capability denied) go to ``on_refusal`` when given.
     """
 
@@ -129,6 +150,10 @@ class OutcomeJoiner:
         self.max_wait_ns = max_wait_ns
 
     def feed(self, ev: Event) -> None:
+        if ev.is_reply:
+            for j in self._async.pop(ev.pid, ()):
+                self._emit(Joined(j.event, j.ret, reply=ev.ret))
+            return
         if ev.is_exit:
             for j in self._async.pop(ev.pid, ()):
                 self._emit(Joined(j.event, j.ret, ev.ret))
