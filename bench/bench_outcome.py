@@ -5,7 +5,10 @@
 `--outcome` hooks raw_syscalls:sys_exit, which runs on every syscall of the
 node. A tight loop of getppid() (no capability check) pinned to CPU 0 is
 timed (thread CPU time per call) with nothing attached, with capwatch
-default, and with capwatch --outcome, interleaved, medians over REPS.
+default, with capwatch --outcome, and with explain's program (outcome, a pid
+filter on another process) without and with refusal records, interleaved,
+medians over REPS. getppid() returns a pid (>= 20), so the check for a netlink
+reply (a shared gate read) is paid on every call, as read() would.
 Figures are added ns per getppid() against the baseline of the same
 repetition. The machine has 2 cores.
 """
@@ -73,12 +76,21 @@ def main(argv: list[str] | None = None) -> int:
                 stop.set()
                 t.join()
 
-    rows: dict[str, list[float]] = {"baseline": [], "default": [], "outcome": []}
+    # explain's configurations watch one target (here this process, not the loop):
+    # the loop's syscalls pay the outcome hook, and with refusals one compare more.
+    me = os.getpid()
+    configs = {
+        "default": ProgramConfig(),
+        "outcome": ProgramConfig(outcome=True),
+        "explain": ProgramConfig(outcome=True, filter_pid=me),
+        "refusals": ProgramConfig(outcome=True, filter_pid=me, refusals=True),
+    }
+    rows: dict[str, list[float]] = {"baseline": [], **{k: [] for k in configs}}
     for _ in range(a.reps):
         base = loop()
         rows["baseline"].append(base)
-        rows["default"].append(attached(ProgramConfig()) - base)
-        rows["outcome"].append(attached(ProgramConfig(outcome=True)) - base)
+        for k, cfg in configs.items():
+            rows[k].append(attached(cfg) - base)
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(
         f"machine: {os.cpu_count()} cores, Linux {os.uname().release}; getppid() x {a.calls:,}, "
@@ -90,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, title in (
         ("default", "capwatch default (no syscall hook)"),
         ("outcome", "capwatch --outcome (sys_exit hook, gate closed)"),
+        ("explain", "explain's program, another process watched (outcome + pid filter)"),
+        ("refusals", "explain's program with refusals (EPERM/EACCES exits of the target)"),
     ):
         print(
             f"| {title} | {med['baseline'] + med[k]:.0f} | {med[k]:+.0f} | {med[k] / med['baseline']:.2f} |"
