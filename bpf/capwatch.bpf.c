@@ -471,6 +471,18 @@ static __always_inline int cw_handle(void *ctx, s32 cap, s32 ret, u64 ns, u32 op
 }
 
 #ifdef CW_OUTCOME
+static __always_inline int cw_is_send(s32 nr)
+{
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	/* write, writev, sendto, sendmsg, sendmmsg */
+	return nr == 1 || nr == 20 || nr == 44 || nr == 46 || nr == 307;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	return nr == 64 || nr == 66 || nr == 206 || nr == 211 || nr == 269;
+#else
+	return 0;
+#endif
+}
+
 static __always_inline int cw_sys_exit(s64 ret)
 {
 	u32 zero = 0;
@@ -499,6 +511,18 @@ static __always_inline int cw_sys_exit(s64 ret)
 	e->ret = (ret < -4095 || ret > 0x7fffffff) ? 0x7fffffff : (s32)ret;
 	e->flags = CW_F_OUTCOME;
 	e->suppressed = 0;
+	if (ret >= 0 && cw_is_send(e->syscall_nr)) {
+		/* the fd it wrote to: only a netlink socket answers in a reply */
+		struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+		struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+		e->suppressed = (u32)regs->di;
+		e->flags |= CW_F_FD;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+		e->suppressed = (u32)regs->orig_x0;
+		e->flags |= CW_F_FD;
+#endif
+	}
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	denials.ringbuf_submit(e, 0);
 	return 0;
@@ -519,18 +543,6 @@ BPF_TABLE("lru_hash", u32, u8, asyncwait, 4096);
  * the recv check below costs a lookup more, never a wrong answer). Zero in
  * the common case, so a syscall exit pays one array read for replies. */
 BPF_ARRAY(async_gate, u64, 1);
-
-static __always_inline int cw_is_send(s32 nr)
-{
-#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
-	/* write, writev, sendto, sendmsg, sendmmsg */
-	return nr == 1 || nr == 20 || nr == 44 || nr == 46 || nr == 307;
-#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
-	return nr == 64 || nr == 66 || nr == 206 || nr == 211 || nr == 269;
-#else
-	return 0;
-#endif
-}
 
 static __always_inline void cw_async_note(s64 ret)
 {

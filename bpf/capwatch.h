@@ -31,6 +31,10 @@
  *                 read next (recvmsg/recvfrom): -EPERM, another -errno, or 0
  *                 (the request was acknowledged). Sent instead of CW_F_EXIT. */
 #define CW_F_REPLY 0x400
+/*   CW_F_FD       on an outcome record of a send-family syscall that succeeded:
+ *                 ``suppressed`` holds the file descriptor it wrote to, so that
+ *                 user space can tell a netlink socket from a file or a pipe. */
+#define CW_F_FD 0x800
 
 struct cw_event {
 	__u64 ts_ns;	 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

@@ -27,7 +27,7 @@ from capwatch.attribution.containers import Workload
 from capwatch.attribution.workloads import HoldQueue, Identity, identity_of
 from capwatch.decode.caps import cap_name
 from capwatch.decode.events import Batch, Event, events_from_batch
-from capwatch.decode.procfs import ProcStatus, read_status
+from capwatch.decode.procfs import ProcStatus, fd_kind, read_status
 from capwatch.decode.syscalls import syscall_name
 from capwatch.diagnose.explain import DenialFacts
 from capwatch.diagnose.outcome import Joined, OutcomeJoiner, outcome_text, reply_text, role_of
@@ -76,6 +76,7 @@ class Check:
     ret: int | None = None  # the syscall's result, when joined and known
     exit_code: int | None = None  # the process's exit status (asynchronous refusals)
     reply: int | None = None  # the netlink reply's error, 0 for an ack (asynchronous refusals)
+    channel: str = ""  # what a send-family syscall wrote to: netlink | socket | file | "" unknown
     joined: bool = False  # whether outcomes were joined (--outcome)
     rule: str | None = None  # what made a denial expected (a policy rule, outcome:ENODEV)
     status: ProcStatus | None = field(default=None, compare=False)  # sets read at the denial
@@ -100,7 +101,9 @@ class Check:
     def role(self) -> str | None:
         """cause | probe | unknown; a send-family denial whose syscall succeeded is
         never a probe (netlink answers in the reply): see diagnose.outcome.role_of."""
-        return role_of(self.ret, self.syscall, self.exit_code, self.reply) if self.joined else None
+        if not self.joined:
+            return None
+        return role_of(self.ret, self.syscall, self.exit_code, self.reply, self.channel)
 
     @property
     def expected(self) -> bool | None:
@@ -148,6 +151,8 @@ class Check:
                 rec["exit_code"] = self.exit_code
             if self.reply is not None:
                 rec["reply"], rec["reply_ret"] = reply_text(self.reply), self.reply
+            if self.channel:
+                rec["channel"] = self.channel
         if self.denied:
             rec["expected"], rec["rule"] = self.expected, self.rule
         if self.service:
@@ -196,6 +201,7 @@ class Check:
                 ret=None if ret is None else int(ret),
                 exit_code=None if rec.get("exit_code") is None else int(rec["exit_code"]),
                 reply=None if rec.get("reply_ret") is None else int(rec["reply_ret"]),
+                channel=str(rec.get("channel") or ""),
                 joined="outcome" in rec,
                 rule=None if rec.get("rule") is None else str(rec["rule"]),
                 status=_status_from(rec),
@@ -253,6 +259,7 @@ def facts_of(c: Check, *, count: int | None = None) -> DenialFacts:
         count=c.count if count is None else count,
         exit_code=c.exit_code,
         reply=c.reply,
+        channel=c.channel,
         uid=c.uid,
         container_id=c.container_id,
     )
@@ -262,6 +269,11 @@ class Sink(Protocol):
     def write(self, check: Check) -> None: ...
     def tick(self) -> None: ...
     def close(self) -> None: ...
+
+
+def fd_kind_of(proc_root: str) -> Callable[[int, int], str | None]:
+    """Live pipelines' way to tell what a send-family syscall wrote to (procfs.fd_kind)."""
+    return lambda pid, fd: fd_kind(pid, fd, proc_root=proc_root)
 
 
 def status_of(proc_root: str) -> Callable[[Event], ProcStatus | None]:
@@ -317,6 +329,7 @@ class Pipeline:
         classify_allowed: bool = False,
         snapshot: Callable[[Event], ProcStatus | None] | None = None,
         on_refusal: Callable[[Event], None] | None = None,
+        fd_kind: Callable[[int, int], str | None] | None = None,
         note_pid: Callable[[int, int], None] | None = None,
         k8s: bool = False,
         clock: Clock | None = None,
@@ -345,7 +358,9 @@ class Pipeline:
             k8s=k8s,
             clock=lambda: self._monotonic_ns() / 1e9,
         )
-        self.joiner = OutcomeJoiner(self._emit, on_refusal=on_refusal) if outcome else None
+        self.joiner = (
+            OutcomeJoiner(self._emit, on_refusal=on_refusal, fd_kind=fd_kind) if outcome else None
+        )
 
     # -- the event path --------------------------------------------------------
 
@@ -430,6 +445,7 @@ class Pipeline:
             ret=j.ret if joined else None,
             exit_code=j.exit_code if joined else None,
             reply=j.reply if joined else None,
+            channel=j.channel if joined else "",
             joined=joined,
             rule=rule,
             status=(

@@ -52,7 +52,7 @@ from capwatch.diagnose.refusals import Refusal, gather, judge, tolerated_runtime
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.kernel import bpf as _bpf
 from capwatch.kernel.session import Session, stop_on_signals
-from capwatch.pipeline import Check, Pipeline, facts_of, status_of
+from capwatch.pipeline import Check, Pipeline, facts_of, fd_kind_of, status_of
 
 __all__ = ["Findings", "Observed", "Target", "advice_of", "run_advise", "run_explain"]
 
@@ -348,6 +348,7 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
         accept=(lambda ev: ev.cgroup_id in cgroups or follow(ev)) if cgroups else None,
         classify_allowed=True,
         snapshot=_snapshot(attributor, args.proc_root, col),
+        fd_kind=fd_kind_of(args.proc_root),
         on_refusal=_refusal_handler(
             col, attributor, target, args.proc_root, session.program.refusal_path
         ),

@@ -22,7 +22,7 @@ from capwatch.diagnose.policy import Policy
 from capwatch.kernel import bpf as _bpf
 from capwatch.kernel.session import Session, stop_on_signals
 from capwatch.logs import configure as configure_logging
-from capwatch.pipeline import Pipeline, Sink, status_of
+from capwatch.pipeline import Pipeline, Sink, fd_kind_of, status_of
 from capwatch.sinks.denylog import DenialLog
 from capwatch.sinks.exporter import CapwatchCollector, DenialCounter, ExporterState
 from capwatch.sinks.recent import RecentDenials
@@ -58,6 +58,7 @@ def serve_pipeline(
         rings=("denials", "checks") if profiles else ("denials",),
         classify_allowed=profiles,
         snapshot=status_of(proc_root),
+        fd_kind=fd_kind_of(proc_root),
         note_pid=note_pid,
         k8s=k8s,
     )

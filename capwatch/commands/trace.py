@@ -13,7 +13,7 @@ from capwatch.attribution.workloads import WorkloadFilter
 from capwatch.decode.events import Batch, Event
 from capwatch.decode.procfs import ProcStatus
 from capwatch.diagnose.policy import Policy
-from capwatch.pipeline import Clock, Pipeline, Sink, status_of
+from capwatch.pipeline import Clock, Pipeline, Sink, fd_kind_of, status_of
 
 if TYPE_CHECKING:
     from capwatch.kernel.bpf import ProgramConfig
@@ -51,6 +51,7 @@ def trace_pipeline(
     accept: Callable[[Event], bool] | None = None,
     clock: Clock | None = None,
     monotonic_ns: Callable[[], int] | None = None,
+    fd_kind: Callable[[int, int], str | None] | None = None,
 ) -> Pipeline:
     """trace's configuration: both rings, the command-line filters, classified
     like serve's (the same denial makes the same record). A replay passes the
@@ -66,6 +67,7 @@ def trace_pipeline(
         keep=keep if keep is not None and keep.active else None,
         unique=unique,
         snapshot=snapshot or status_of(proc_root),
+        fd_kind=fd_kind,
         note_pid=note_pid,
         clock=clock,
         monotonic_ns=monotonic_ns or time.monotonic_ns,
@@ -137,6 +139,7 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         unique=args.unique,
         proc_root=args.proc_root,
         note_pid=attributor.note_pid,
+        fd_kind=fd_kind_of(args.proc_root),
     )
     on_batch: Callable[[str, Batch], None] = pipeline.on_batch
     on_tick: Callable[[], None] = pipeline.tick

@@ -24,6 +24,7 @@ __all__ = [
     "EVENT_STRUCT",
     "F_DENIED",
     "F_EXIT",
+    "F_FD",
     "F_INSETID",
     "F_NOAUDIT",
     "F_OPTS_KNOWN",
@@ -48,6 +49,7 @@ F_OUTCOME = 0x40
 F_EXIT = 0x100  # with F_OUTCOME: ret is a process's exit status (capwatch.h)
 F_REFUSAL = 0x200  # with F_OUTCOME: EPERM/EACCES with no capability denied in the syscall
 F_REPLY = 0x400  # with F_OUTCOME: ret is the error of the netlink reply such a process read
+F_FD = 0x800  # with F_OUTCOME: ``suppressed`` is the fd a send-family syscall wrote to
 
 #: numpy mirror of struct cw_event (little-endian, as on x86_64 and arm64).
 EVENT_DTYPE = np.dtype(
@@ -102,6 +104,11 @@ class Event:
         """Not a check: ``ret`` is the exit status of a process that had a denial in a
         send-family syscall that succeeded (its refusal may have come in a reply)."""
         return bool(self.flags & F_EXIT)
+
+    @property
+    def fd(self) -> int | None:
+        """The fd a send-family syscall that succeeded wrote to (outcome records), or None."""
+        return self.suppressed if self.flags & F_FD else None
 
     @property
     def is_reply(self) -> bool:

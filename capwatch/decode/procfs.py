@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from capwatch.decode.caps import parse_mask
 from capwatch.errors import CapwatchError
 
-__all__ = ["CAP_FIELDS", "ProcStatus", "list_pids", "parse_status", "read_status"]
+__all__ = ["CAP_FIELDS", "ProcStatus", "fd_kind", "list_pids", "parse_status", "read_status"]
 
 #: The five capability sets, in the order /proc prints them.
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
@@ -90,3 +90,27 @@ def list_pids(*, proc_root: str = "/proc") -> list[int]:
         return sorted(int(d) for d in os.listdir(proc_root) if d.isdigit())
     except OSError as exc:
         raise CapwatchError(f"cannot list {proc_root}: {exc.strerror}") from None
+
+
+def fd_kind(pid: int, fd: int, *, proc_root: str = "/proc") -> str | None:
+    """What ``fd`` of ``pid`` is: "netlink", "socket" (another family), "file"
+    (a file, pipe, tty, anonymous inode), or None when it cannot be told (the
+    process or the fd is gone). A netlink socket is found by its inode in the
+    process's own network namespace's /proc/PID/net/netlink (last column)."""
+    try:
+        link = os.readlink(f"{proc_root}/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if not (link.startswith("socket:[") and link.endswith("]")):
+        return "file"
+    inode = link[len("socket:[") : -1]
+    try:
+        with open(f"{proc_root}/{pid}/net/netlink", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return None
+    for line in table.splitlines()[1:]:
+        cols = line.split()
+        if cols and cols[-1] == inode:
+            return "netlink"
+    return "socket"

@@ -66,6 +66,7 @@ class DenialFacts:
     count: int = 1
     exit_code: int | None = None  # the process's exit status (asynchronous candidates)
     reply: int | None = None  # the netlink reply's error, 0 for an ack (asynchronous candidates)
+    channel: str = ""  # what a send-family syscall wrote to: netlink | socket | file | ""
     uid: int | None = None  # the process's real uid when denied
     container_id: str = ""
     caps_source: str = ""  # where ``status``'s sets come from when not the process itself
@@ -171,8 +172,8 @@ def _container_fixes(kind: str, short: str, f: DenialFacts) -> list[dict[str, st
 
 def explain(f: DenialFacts) -> Explanation:
     name, short = cap_name(f.cap), cap_short(f.cap)
-    role = role_of(f.ret, f.syscall, f.exit_code, f.reply)
-    asynchronous = is_async_candidate(f.ret, f.syscall)
+    role = role_of(f.ret, f.syscall, f.exit_code, f.reply, f.channel)
+    asynchronous = is_async_candidate(f.ret, f.syscall, f.channel)
     if role == "unknown" and f.known_probe and not asynchronous:
         role = "probe"
     missing = _missing_from(f.cap, f.status)
@@ -246,11 +247,15 @@ def explain(f: DenialFacts) -> Explanation:
             f"{f.comm} then exited with status {f.exit_code} (the reply was not seen)."
         )
     elif asynchronous:
-        seen = (
-            "it exited with status 0, so it may have coped"
-            if f.exit_code == 0
-            else "its exit was not seen"
-        )
+        if f.exit_code is None:
+            seen = "its exit was not seen"
+        elif f.exit_code == 0:
+            seen = "it exited with status 0, so it may have coped"
+        else:
+            seen = (
+                f"it exited with status {f.exit_code}, but {f.syscall} may have written to a "
+                "file (then this was a probe): the process was gone before its fd could be read"
+            )
         ex.summary = (
             f"Unknown, not a probe: {f.syscall} succeeded, but on a netlink socket the kernel "
             f"reports the refusal in the reply, and capwatch saw no reply read; {seen}."

@@ -155,10 +155,9 @@ def tolerate_runtime(exps: list[Explanation], command_status: int) -> list[Expla
     """Denials of the runtime's own processes, when the command succeeded (or the
     container it started ran: pass 0 then), are set-up
     refusals that it tolerated (podman raising RLIMIT_NOFILE without CAP_SYS_RESOURCE
-    goes on with the limit it has): probes, nothing to grant. When the command failed,
-    they are left as they are: the runtime may be why."""
-    if command_status != 0:
-        return exps
+    goes on with the limit it has): probes, nothing to grant. When the command failed
+    they are *unknown*, not causes: the runtime may be why, or it failed for a reason
+    of its own (an entrypoint not found) that its error message names."""
     for e in exps:
         comms = e.comm.split(",")
         if e.role == "probe" or not all(
@@ -167,6 +166,15 @@ def tolerate_runtime(exps: list[Explanation], command_status: int) -> list[Expla
             continue
         if e.syscall in ("execve", "execveat") and e.comm.startswith("runc:"):
             continue  # runc's init exec is the workload's entrypoint
+        if command_status != 0:
+            e.role = "unknown"
+            e.summary = (
+                f"Container runtime set-up: {e.comm} was refused {e.capability} in "
+                f"{e.syscall}. Runtimes usually go on without it; the command failed "
+                f"(status {command_status}), which may or may not be why: its own error "
+                "message says. Grant it only if that message names this refusal."
+            )
+            continue
         e.role = "probe"
         e.summary = (
             f"Container runtime set-up: {e.comm} was refused {e.capability} in {e.syscall} "

@@ -95,3 +95,57 @@ def test_ip_link_add_reply_read_with_recvmsg() -> None:
     # paired with its own reply), then the real request with sendmsg
     assert {("cause", "EPERM")} == {(e["role"], e["reply"]) for e in exps}, exps
     assert "sendmsg" in {e["syscall"] for e in exps}, exps
+
+
+def explain_fsetid(tmp_path: Any, script: str) -> tuple[list[dict[str, Any]], int]:
+    """Run ``script`` (with $F a setuid file) under capsh --drop=cap_fsetid in explain:
+    each write to $F succeeds and the kernel drops the setuid bit, without CAP_FSETID."""
+    f = tmp_path / "suid"
+    f.write_text("")
+    f.chmod(0o4755)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "capwatch.commands.cli",
+            "explain",
+            "--json",
+            "--",
+            "capsh",
+            "--drop=cap_fsetid",
+            "--",
+            "-c",
+            f"F={f}; {script}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    assert 0 == f.stat().st_mode & 0o4000  # the kernel went on without CAP_FSETID
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    fsetid = [e for e in found if e.get("capability") == "CAP_FSETID"]
+    assert fsetid, r.stdout
+    return fsetid, r.returncode
+
+
+def test_write_to_a_file_is_a_probe(tmp_path: Any) -> None:
+    """The fd is still open when capwatch looks: a file, so a probe at once. Judged as a
+    possible netlink request it was a cause, since the shell exited 3."""
+    exps, rc = explain_fsetid(tmp_path, "exec 5>>$F; echo x >&5; sleep 1; exit 3")
+    assert 3 == rc
+    assert {("write", "probe", False)} == {
+        (e["syscall"], e["role"], e["asynchronous"]) for e in exps
+    }, exps
+
+
+def test_write_by_a_process_gone_at_once_is_never_a_cause(tmp_path: Any) -> None:
+    """The shell exits right after the write: its fd cannot be read any more, and no
+    netlink reply was read. Unknown (or a probe if the fd was still seen), never a
+    cause: a file takes writes too."""
+    exps, rc = explain_fsetid(tmp_path, "echo x >> $F; exit 3")
+    assert 3 == rc
+    assert {"write"} == {e["syscall"] for e in exps}
+    assert {e["role"] for e in exps} <= {"unknown", "probe"}, exps

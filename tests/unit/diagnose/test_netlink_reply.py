@@ -130,3 +130,52 @@ class TestWords:
             "denied in sendmsg (ip) x1, refused in the reply (the call returned success;"
             " the netlink reply said EPERM)"
         ] == a.missing[NET_ADMIN]
+
+
+class TestChannel:
+    """A send-family syscall that wrote to a file, a pipe or a non-netlink socket
+    answers in no reply: its return decides at once (conmon writing oom_score_adj)."""
+
+    def joined(self, kind: str | None) -> list[Joined]:
+        from capwatch.decode.events import F_FD
+
+        out: list[Joined] = []
+        j = OutcomeJoiner(
+            out.append, fd_kind=lambda pid, fd: kind if (pid, fd) == (42, 7) else None
+        )
+        j.feed(event(F_DENIED, nr="write"))
+        # an outcome record's ``suppressed`` carries the fd (F_FD)
+        j.feed(Event(0, 1, 42, 42, 0, -1, NR["write"], 8, F_OUTCOME | F_FD, 7, "ip"))
+        return out
+
+    def test_file_is_judged_now(self) -> None:
+        assert [("probe", "file", False)] == [
+            (x.role, x.channel, x.asynchronous) for x in self.joined("file")
+        ]
+
+    def test_netlink_waits_for_the_reply(self) -> None:
+        assert [] == self.joined("netlink")
+
+    def test_unknown_fd_waits_as_before(self) -> None:
+        assert [] == self.joined(None)
+
+    def test_record_keeps_the_channel(self) -> None:
+        c = a_denial(cap=NET_ADMIN, syscall_nr=NR["write"], ret=8, channel="file")
+        assert ("probe", "file") == (c.role, c.to_dict()["channel"])
+        assert c == Check.from_dict(c.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("syscall", "channel", "role"),
+    [
+        ("write", "", "unknown"),  # a file or a netlink socket: the exit status cannot tell
+        ("writev", "", "unknown"),
+        ("write", "netlink", "cause"),
+        ("write", "file", "probe"),
+        ("sendmsg", "", "cause"),  # a socket: netlink is the one that answers in a reply
+        ("sendto", "socket", "probe"),
+    ],
+)
+def test_exit_status_decides_only_for_netlink(syscall: str, channel: str, role: str) -> None:
+    """No reply seen and the process exited 3."""
+    assert role == role_of(8, syscall, 3, None, channel)
