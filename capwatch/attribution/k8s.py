@@ -20,6 +20,7 @@ a loopback server replaying real-shaped responses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -361,7 +362,13 @@ class OwnerResolver:
     """A ReplicaSet's or Job's own ownerReferences (to find its Deployment or
     CronJob), fetched with GET and cached: at most ``limit`` entries, each kept
     ``ttl`` seconds; a failed GET is cached too (as unknown), so a missing RBAC
-    rule costs one request per object per ``ttl``, never one per scrape."""
+    rule costs one request per object per ``ttl``, never one per scrape.
+
+    Calls never wait for the API server: what is not cached is fetched by a
+    worker thread (queued at most ``queue_limit`` at a time, the rest dropped
+    and counted in ``dropped``, asked again later) and is unknown (None) until
+    it arrives. :meth:`prefetch` asks early, when a pod's first check is seen,
+    so that a scrape finds the owner already there."""
 
     PATHS: Mapping[str, str] = MappingProxyType(
         {
@@ -370,36 +377,88 @@ class OwnerResolver:
         }
     )
 
-    def __init__(self, api: ApiConfig, *, limit: int = 4096, ttl: float = 600.0) -> None:
+    def __init__(
+        self, api: ApiConfig, *, limit: int = 4096, ttl: float = 600.0, queue_limit: int = 256
+    ) -> None:
+        import queue
+
         self._client = ApiClient(api)
         self._limit = limit
         self._ttl = ttl
         self._cache: dict[tuple[str, str, str], tuple[float, list[Mapping[str, Any]] | None]] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue(queue_limit)
+        self._inflight: set[tuple[str, str, str]] = set()
+        self._thread: threading.Thread | None = None
         self.errors = 0
+        self.dropped = 0
 
     def __call__(self, kind: str, namespace: str, name: str) -> list[Mapping[str, Any]] | None:
-        import time
-
-        path = self.PATHS.get(kind)
-        if path is None:
+        """The cached ownerReferences, or None (unknown: fetching) without waiting."""
+        if kind not in self.PATHS:
             return None
         key = (kind, namespace, name)
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit is not None and now - hit[0] < self._ttl:
-            return hit[1]
-        refs: list[Mapping[str, Any]] | None
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and time.monotonic() - hit[0] < self._ttl:
+                return hit[1]
+        self.prefetch(kind, namespace, name)
+        return None
+
+    def prefetch(self, kind: str, namespace: str, name: str) -> None:
+        """Fetch in the background unless cached, already asked, or the queue is full."""
+        import queue
+
+        if kind not in self.PATHS:
+            return
+        key = (kind, namespace, name)
+        with self._lock:
+            hit = self._cache.get(key)
+            if key in self._inflight or (
+                hit is not None and time.monotonic() - hit[0] < self._ttl
+            ):
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="capwatch-k8s-owners", daemon=True
+                )
+                self._thread.start()
+            try:
+                self._queue.put_nowait(key)
+            except queue.Full:
+                self.dropped += 1
+                return
+            self._inflight.add(key)
+
+    def _work(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            refs = self._fetch(*key)
+            with self._lock:
+                if len(self._cache) >= self._limit:
+                    self._cache.clear()
+                self._cache[key] = (time.monotonic(), refs)
+                self._inflight.discard(key)
+
+    def _fetch(self, kind: str, namespace: str, name: str) -> list[Mapping[str, Any]] | None:
         try:
-            obj = self._client.get_json(path.format(ns=namespace, name=name), {})
+            obj = self._client.get_json(self.PATHS[kind].format(ns=namespace, name=name), {})
             got = _dict(obj.get("metadata")).get("ownerReferences")
-            refs = [r for r in got if isinstance(r, dict)] if isinstance(got, list) else []
+            return [r for r in got if isinstance(r, dict)] if isinstance(got, list) else []
         except (OSError, ValueError, ApiError) as e:
             self.errors += 1
             _log.warning(
                 "k8s_owner_lookup_failed", kind=kind, namespace=namespace, name=name, error=str(e)
             )
-            refs = None
-        if len(self._cache) >= self._limit:
-            self._cache.clear()
-        self._cache[key] = (now, refs)
-        return refs
+            return None
+
+    def close(self) -> None:
+        """Stop the worker (a GET in progress ends by its own timeout)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._client.abort()
+            with contextlib.suppress(Exception):
+                self._queue.put(None, timeout=1)
+            thread.join(timeout=5)

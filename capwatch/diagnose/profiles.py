@@ -26,6 +26,7 @@ __all__ = [
     "HeldSample",
     "ProfileBook",
     "ProfileSample",
+    "controller_of",
     "held_capabilities",
     "owner_of",
     "report",
@@ -139,6 +140,11 @@ def owner_of(
         if up is not None and up[0] in ("Deployment", "CronJob"):
             return up
     return kind, name
+
+
+def controller_of(refs: Iterable[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """A pod's controller from its ownerReferences: (kind, name), or None."""
+    return _controller(refs)
 
 
 def _controller(refs: Iterable[Mapping[str, Any]]) -> tuple[str, str] | None:

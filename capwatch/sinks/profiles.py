@@ -14,14 +14,16 @@ pod's ownerReferences, a ReplicaSet's Deployment and a Job's CronJob):
   gives it (``source`` says how: privileged, the runtime's default set, add/drop);
 * ``capwatch_profile_overflow_total``: profile keys not kept (the bound).
 
-The pipeline sink stores what it sees keyed by pod name; owners are resolved at
-scrape time (cached), so the consumer never waits for the API server.
+The pipeline sink stores what it sees keyed by pod name; owners are asked for
+in the background as pods appear (OwnerResolver.prefetch) and read from the
+cache at scrape time, so neither the consumer nor a scrape waits for the API
+server (an owner not fetched yet shows as the ReplicaSet or Job itself).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,7 +32,14 @@ from prometheus_client.registry import Collector
 
 from capwatch.attribution.k8s import PodCache, PodInfo
 from capwatch.decode.caps import cap_name
-from capwatch.diagnose.profiles import ProfileBook, ProfileKey, held_capabilities, owner_of, use_of
+from capwatch.diagnose.profiles import (
+    ProfileBook,
+    ProfileKey,
+    controller_of,
+    held_capabilities,
+    owner_of,
+    use_of,
+)
 from capwatch.pipeline import Check
 from capwatch.text import visible
 
@@ -72,6 +81,21 @@ class ProfileSink(Collector):
         self._lock = threading.Lock()
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self)
+        # owners are asked for as pods appear (the watcher's thread), so that a
+        # scrape finds them cached and never waits for the API server
+        self._prefetch = getattr(owners, "prefetch", None)
+        if pods is not None and self._prefetch is not None:
+            pods.subscribe(self._on_pods)
+            self._on_pods({p.uid for p in pods.pods()})
+
+    def _on_pods(self, changed: Iterable[str]) -> None:
+        if self.pods is None or self._prefetch is None:
+            return
+        for uid in changed:
+            pod = self.pods.pod(uid)
+            ctrl = controller_of(pod.owners) if pod is not None else None
+            if pod is not None and ctrl is not None:
+                self._prefetch(ctrl[0], pod.namespace, ctrl[1])
 
     # -- the pipeline sink -----------------------------------------------------
 
@@ -104,7 +128,11 @@ class ProfileSink(Collector):
         pass
 
     def close(self) -> None:
-        pass
+        if self.pods is not None and self._prefetch is not None:
+            self.pods.unsubscribe(self._on_pods)
+        close = getattr(self.owners, "close", None)
+        if close is not None:
+            close()
 
     # -- scrape time -------------------------------------------------------------
 
