@@ -499,6 +499,46 @@ class TestExplainPodmanRun:
 
 
 @pytest.mark.container
+class TestAdvisePodmanRun:
+    def test_the_containers_needs_not_the_runtimes(self, rootfs: Path) -> None:
+        """advise -- podman run ... date -s: the container started by the command is followed,
+        as explain does; the advice proposes what the container needs (SYS_TIME, refused to
+        date) with --cap-add, and none of what podman, conmon and runc used or were refused
+        while setting it up (SYS_ADMIN for the mounts, SYS_RESOURCE for setrlimit...)."""
+        name = new_name()
+        try:
+            r = capwatch(
+                "advise",
+                "--json",
+                "--",
+                *RUN,
+                "--rm",
+                "--name",
+                name,
+                *NO_SECCOMP,
+                "--rootfs",
+                str(rootfs),
+                "date",
+                "-s",
+                "2020-01-01",
+            )
+        finally:
+            podman_rm(name)
+        assert "Traceback" not in r.stderr, r.stderr
+        a = json.loads(r.stdout.strip().splitlines()[-1])
+        assert ["CAP_SYS_TIME"] == a["capabilities"], a
+        assert "--cap-drop=ALL --cap-add=SYS_TIME" == a["docker"]
+        assert any("(date)" in ev for ev in a["evidence"]["CAP_SYS_TIME"]), a["evidence"]
+        runtime = ("podman", "conmon")
+        assert not [
+            ev
+            for evs in a["evidence"].values()
+            for ev in evs
+            if any(f"({c})" in ev for c in runtime)
+        ]
+
+
+@pytest.mark.container
 class TestWaitForContainer:
     def test_explain_waits_for_a_container_started_after_it(self, rootfs: Path) -> None:
         """explain --container NAME --wait: started before the container, it waits, then
