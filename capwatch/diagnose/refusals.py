@@ -350,13 +350,7 @@ def judge(f: RefusalFacts) -> Refusal:
                 f"Refused with EACCES although no capability was refused: likely an LSM "
                 f"(active: {', '.join(active)})."
             )
-            r.fixes = [
-                {
-                    "context": "lsm",
-                    "fix": "check the audit log (ausearch -m AVC,APPARMOR_DENIED) for "
-                    f"{f.comm}, and the profile or policy that confines it",
-                }
-            ]
+            r.fixes = [_lsm_fix(m, f.comm) for m in active]
             return r
 
     # 4. A process in a user namespace acting on what the host owns.
@@ -385,6 +379,32 @@ def judge(f: RefusalFacts) -> Refusal:
     )
     r.details.append("seen: " + "; ".join(seen))
     return r
+
+
+def _lsm_fix(lsm: str, comm: str) -> dict[str, str]:
+    """Where to look for one active LSM's refusal (any of them may have refused)."""
+    if lsm == "landlock":
+        return {
+            "context": "landlock",
+            "fix": f"Landlock rules are set by {comm} itself or by the launcher that sandboxed "
+            "it, not by a system policy: allow the path in those rules",
+        }
+    if lsm == "apparmor":
+        return {
+            "context": "apparmor",
+            "fix": f"journalctl -k | grep 'apparmor=\"DENIED\"' for {comm}: widen its profile "
+            "(a container's: --security-opt apparmor=PROFILE)",
+        }
+    if lsm == "selinux":
+        return {
+            "context": "selinux",
+            "fix": f"ausearch -m AVC -c {comm}: a policy module (audit2allow) or the "
+            "container's label (--security-opt label=...)",
+        }
+    return {
+        "context": lsm,
+        "fix": f"check the audit log for {comm}, and the {lsm} policy that confines it",
+    }
 
 
 # --- evidence (thin I/O) -------------------------------------------------------

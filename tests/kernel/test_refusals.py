@@ -293,7 +293,7 @@ class TestRefusalsOnHost:
         [e] = [x for x in exps if x["syscall"] == "openat"]
         assert ("lsm", "EACCES", str(target)) == (e["verdict"], e["outcome"], e["path"])
         assert "likely an LSM (active: landlock)" in e["summary"]
-        assert ["lsm"] == [f["context"] for f in e["fixes"]]
+        assert ["landlock"] == [f["context"] for f in e["fixes"]]
         assert 1 == r.returncode
 
 

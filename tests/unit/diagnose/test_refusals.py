@@ -135,6 +135,16 @@ class TestJudge:
         r = judge(facts(syscall="openat", ret=-errno.EACCES, lsms=("capability", "apparmor")))
         assert "lsm" == r.verdict
         assert "(active: apparmor)" in r.summary
+        assert ["apparmor"] == [f["context"] for f in r.fixes]
+
+    def test_each_active_lsm_gets_its_fix(self) -> None:
+        """Several confining LSMs may have refused: one fix each, in the kernel's order;
+        Landlock's rules are the program's own, no system policy."""
+        r = judge(
+            facts(syscall="openat", ret=-errno.EACCES, lsms=("capability", "landlock", "selinux"))
+        )
+        assert ["landlock", "selinux"] == [f["context"] for f in r.fixes]
+        assert "not by a system policy" in r.fixes[0]["fix"]
 
     def test_user_namespace(self) -> None:
         """EPERM in a process of its own user namespace: nothing to grant inside."""
