@@ -17,7 +17,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
@@ -129,7 +129,7 @@ def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = 
         root = _unified(args)
         made = runcmd.make_command_cgroup(root, proc_root=args.proc_root)
         cg = made.cgroup_id
-        runtime = started_runtime(args.cmd) if args.command == "explain" else None
+        runtime = started_runtime(args.cmd)
         # podman runs its container itself (a child of the command); dockerd and
         # containerd run theirs, and their runs get a note instead (see _observe_in)
         if runtime == "podman":
@@ -163,7 +163,8 @@ class Findings:
     """explain's and advise's sink: the target's denials (checks, with the sets
     read at arrival) and a count of its allowed checks."""
 
-    def __init__(self) -> None:
+    def __init__(self, only: Container[int] | None = None) -> None:
+        self.only = only  # the cgroups whose checks are kept; None: all that are accepted
         self.denials: list[Check] = []
         self.allowed: dict[tuple[int, str, str, str | None], int] = {}
         # where a denying process's sets came from when not the process itself
@@ -176,6 +177,8 @@ class Findings:
         self.exit_code = 0  # the command's, for explain -- CMD (128+N when killed by signal N)
 
     def write(self, check: Check) -> None:
+        if self.only is not None and check.cgroup_id not in self.only:
+            return
         if check.denied:
             self.denials.append(check)
         else:
@@ -315,6 +318,8 @@ class Observed:
     collector: Findings
     seconds: float
     returncode: int | None = None  # the command's exit status, when a command was run
+    # the checks of the containers the command started (followed), if it started any
+    in_containers: Findings | None = None
 
 
 def _observe(args: argparse.Namespace, target: Target, err: TextIO) -> Observed:
@@ -333,6 +338,12 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
     for cg in target.cgroup_ids:  # start the runtime look-ups while the container runs
         attributor.resolve(cg)
     col = Findings()
+    # advise -- podman run ...: what the started containers did, apart from the runtime
+    inside = (
+        Findings(only=target.follower.followed)
+        if target.follower is not None and args.command == "advise"
+        else None
+    )
     cgroups = target.cgroup_ids
     follow = _follow(target, attributor)
     try:
@@ -342,7 +353,7 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
         raise
     pipeline = Pipeline(
         attributor.resolve,
-        [col],
+        [col] if inside is None else [col, inside],
         policy=policy,
         outcome=True,
         accept=(lambda ev: ev.cgroup_id in cgroups or follow(ev)) if cgroups else None,
@@ -414,7 +425,9 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
         err.write(
             f"capwatch: {target.argv[0] if target.argv else ''} exited with {child.returncode}\n"
         )
-    return Observed(col, time.monotonic() - t0, child.returncode if child is not None else None)
+    return Observed(
+        col, time.monotonic() - t0, child.returncode if child is not None else None, inside
+    )
 
 
 def _explanations(col: Findings, target: Target) -> list[Explanation]:
@@ -500,7 +513,10 @@ def _print(
 def run_advise(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     target = make_target(args, unique=False, err=err)
     seen = _observe(args, target, err)
-    a = advice_of(seen.collector, seen.seconds, target.label)
+    col = seen.collector
+    if target.follower is not None and target.follower.followed and seen.in_containers is not None:
+        col = seen.in_containers  # the container's needs, not the runtime's that started it
+    a = advice_of(col, seen.seconds, target.label)
     out.write(json.dumps(a.to_dict()) + "\n" if args.json else a.render())
     return 0
 

@@ -12,8 +12,10 @@ fix for the context. An EPERM that fits none says so, with what was seen.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import platform
 import stat
 import struct
 from dataclasses import dataclass, field, replace
@@ -27,9 +29,11 @@ __all__ = [
     "FileEvidence",
     "Refusal",
     "RefusalFacts",
+    "active_lsms",
     "file_caps",
     "gather",
     "judge",
+    "lsm_names",
     "tolerated_runtime",
     "with_stand_in",
 ]
@@ -127,7 +131,7 @@ class RefusalFacts:
     cap_bnd: int | None = None
     cap_eff: int | None = None
     in_userns: bool | None = None  # the process's user namespace is not the host's
-    lsms: tuple[str, ...] | None = None  # /sys/kernel/security/lsm, None if not readable
+    lsms: tuple[str, ...] | None = None  # active_lsms(): None if not known
     file: FileEvidence | None = None
     kind: str = "host"
     container: str = ""
@@ -346,13 +350,7 @@ def judge(f: RefusalFacts) -> Refusal:
                 f"Refused with EACCES although no capability was refused: likely an LSM "
                 f"(active: {', '.join(active)})."
             )
-            r.fixes = [
-                {
-                    "context": "lsm",
-                    "fix": "check the audit log (ausearch -m AVC,APPARMOR_DENIED) for "
-                    f"{f.comm}, and the profile or policy that confines it",
-                }
-            ]
+            r.fixes = [_lsm_fix(m, f.comm) for m in active]
             return r
 
     # 4. A process in a user namespace acting on what the host owns.
@@ -381,6 +379,32 @@ def judge(f: RefusalFacts) -> Refusal:
     )
     r.details.append("seen: " + "; ".join(seen))
     return r
+
+
+def _lsm_fix(lsm: str, comm: str) -> dict[str, str]:
+    """Where to look for one active LSM's refusal (any of them may have refused)."""
+    if lsm == "landlock":
+        return {
+            "context": "landlock",
+            "fix": f"Landlock rules are set by {comm} itself or by the launcher that sandboxed "
+            "it, not by a system policy: allow the path in those rules",
+        }
+    if lsm == "apparmor":
+        return {
+            "context": "apparmor",
+            "fix": f"journalctl -k | grep 'apparmor=\"DENIED\"' for {comm}: widen its profile "
+            "(a container's: --security-opt apparmor=PROFILE)",
+        }
+    if lsm == "selinux":
+        return {
+            "context": "selinux",
+            "fix": f"ausearch -m AVC -c {comm}: a policy module (audit2allow) or the "
+            "container's label (--security-opt label=...)",
+        }
+    return {
+        "context": lsm,
+        "fix": f"check the audit log for {comm}, and the {lsm} policy that confines it",
+    }
 
 
 # --- evidence (thin I/O) -------------------------------------------------------
@@ -453,6 +477,58 @@ def with_stand_in(f: RefusalFacts, pid: int, proc_root: str = "/proc") -> Refusa
     )
 
 
+#: LSM ids of lsm_list_modules(2) (include/uapi/linux/lsm.h, Linux 6.8 to 6.18)
+LSM_IDS = {
+    100: "capability",
+    101: "selinux",
+    102: "smack",
+    103: "tomoyo",
+    104: "apparmor",
+    105: "yama",
+    106: "loadpin",
+    107: "safesetid",
+    108: "lockdown",
+    109: "bpf",
+    110: "landlock",
+    111: "ima",
+    112: "evm",
+    113: "ipe",
+}
+#: lsm_list_modules's number: the common table's everywhere since Linux 5.1, but alpha
+_NR_LSM_LIST_MODULES = None if platform.machine() == "alpha" else 461
+
+
+def lsm_names(ids: list[int]) -> tuple[str, ...]:
+    """lsm_list_modules's ids as /sys/kernel/security/lsm names them (lsm:N if unknown)."""
+    return tuple(LSM_IDS.get(i, f"lsm:{i}") for i in ids)
+
+
+def _list_modules() -> list[int] | None:
+    """The active LSMs' ids from the kernel (lsm_list_modules, Linux 6.8+), None if
+    the kernel has no such call."""
+    if _NR_LSM_LIST_MODULES is None:
+        return None
+    ids = (ctypes.c_uint64 * 64)()
+    size = ctypes.c_uint32(ctypes.sizeof(ids))
+    libc = ctypes.CDLL(None, use_errno=True)
+    n = int(libc.syscall(_NR_LSM_LIST_MODULES, ids, ctypes.byref(size), 0))
+    return None if n < 0 else [int(i) for i in ids[:n]]
+
+
+def active_lsms(sys_root: str = "/sys") -> tuple[str, ...] | None:
+    """The active LSMs, in the kernel's order: /sys/kernel/security/lsm when
+    securityfs is mounted, else (on the real /sys only) the kernel's own answer
+    from lsm_list_modules, which needs no mount and no privilege; None when
+    neither answers."""
+    lsm_file = os.path.join(sys_root, "kernel", "security", "lsm")
+    with contextlib.suppress(OSError), open(lsm_file, encoding="utf-8") as fh:
+        return tuple(x for x in fh.read().strip().split(",") if x)
+    if os.path.realpath(sys_root) != "/sys":
+        return None  # a recorded or test root: the running kernel is not its
+    ids = _list_modules()
+    return None if ids is None else lsm_names(ids)
+
+
 def gather(
     *,
     syscall: str,
@@ -480,10 +556,7 @@ def gather(
         userns = os.readlink(os.path.join(proc_root, str(pid), "ns", "user")) != os.readlink(
             os.path.join(proc_root, "1", "ns", "user")
         )
-    lsms: tuple[str, ...] | None = None
-    lsm_file = os.path.join(sys_root, "kernel", "security", "lsm")
-    with contextlib.suppress(OSError), open(lsm_file, encoding="utf-8") as fh:
-        lsms = tuple(x for x in fh.read().strip().split(",") if x)
+    lsms = active_lsms(sys_root)
     return RefusalFacts(
         syscall=syscall,
         ret=ret,

@@ -220,23 +220,61 @@ class TestShortLivedContainerProcess:
 
 class TestText:
     def test_host_process_warning_does_not_speak_of_containers(self) -> None:
-        """A dangerous capability for a host process: no 'granting it to a container' text."""
-        ex = explain(
+        """A dangerous capability refused to a host process: the host's warning, word for word,
+        and nothing of containers; the same denial in a container keeps the container's."""
+        host = explain(
             DenialFacts(cap=SYS_ADMIN, syscall="mount", comm="m", pid=1, ret=-1, status=status())
         )
-        assert ex.warning is not None
-        assert "container" not in ex.warning
+        assert (
+            "CAP_SYS_ADMIN is dangerous: a process holding it can take over the host. "
+            "Grant it to this program only, not to its whole service or shell."
+        ) == host.warning
+        assert "container" not in host.render()
+        boxed = explain(
+            DenialFacts(
+                cap=SYS_ADMIN,
+                syscall="mount",
+                comm="m",
+                pid=1,
+                ret=-1,
+                status=status(),
+                kind="podman",
+                container="web",
+            )
+        )
+        assert boxed.warning is not None
+        assert "granting it to a container is as good as giving it root" in boxed.warning
 
     def test_dac_pair_either_would_do(self) -> None:
-        """DAC_OVERRIDE and DAC_READ_SEARCH both refused in one openat: either would do."""
+        """DAC_OVERRIDE and DAC_READ_SEARCH both refused in one openat: each finding names the
+        other in the one sentence that says either would do; a lone DAC_OVERRIDE (a write)
+        says nothing of the kind."""
+        override, read_search = parse_cap("CAP_DAC_OVERRIDE"), parse_cap("CAP_DAC_READ_SEARCH")
         both = [
             explain(
                 DenialFacts(cap=c, syscall="openat", comm="cat", pid=9, ret=-13, status=status())
             )
-            for c in (parse_cap("CAP_DAC_OVERRIDE"), parse_cap("CAP_DAC_READ_SEARCH"))
+            for c in (read_search, override)
         ]
         out = fold(both)
-        assert all(any("either would do" in d for d in e.details) for e in out)
+        assert [
+            "CAP_DAC_READ_SEARCH and CAP_DAC_OVERRIDE were both refused in this openat: "
+            "either would do (CAP_DAC_READ_SEARCH is the narrower, for reading and searching "
+            "only).",
+            "CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH were both refused in this openat: "
+            "either would do (CAP_DAC_READ_SEARCH is the narrower, for reading and searching "
+            "only).",
+        ] == [next((d for d in e.details if "either would do" in d), None) for e in out]
+        [alone] = fold(
+            [
+                explain(
+                    DenialFacts(
+                        cap=override, syscall="openat", comm="tee", pid=9, ret=-13, status=status()
+                    )
+                )
+            ]
+        )
+        assert not any("either would do" in d for d in alone.details)
 
     def test_kallsyms_syslog_changes_the_result(self) -> None:
         """CAP_SYSLOG refused in an openat that succeeded: the addresses read are zeros."""

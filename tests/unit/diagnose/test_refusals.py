@@ -12,9 +12,11 @@ from capwatch.decode.caps import parse_cap
 from capwatch.diagnose.refusals import (
     FileEvidence,
     RefusalFacts,
+    active_lsms,
     file_caps,
     gather,
     judge,
+    lsm_names,
     tolerated_runtime,
     with_stand_in,
 )
@@ -133,6 +135,16 @@ class TestJudge:
         r = judge(facts(syscall="openat", ret=-errno.EACCES, lsms=("capability", "apparmor")))
         assert "lsm" == r.verdict
         assert "(active: apparmor)" in r.summary
+        assert ["apparmor"] == [f["context"] for f in r.fixes]
+
+    def test_each_active_lsm_gets_its_fix(self) -> None:
+        """Several confining LSMs may have refused: one fix each, in the kernel's order;
+        Landlock's rules are the program's own, no system policy."""
+        r = judge(
+            facts(syscall="openat", ret=-errno.EACCES, lsms=("capability", "landlock", "selinux"))
+        )
+        assert ["landlock", "selinux"] == [f["context"] for f in r.fixes]
+        assert "not by a system policy" in r.fixes[0]["fix"]
 
     def test_user_namespace(self) -> None:
         """EPERM in a process of its own user namespace: nothing to grant inside."""
@@ -254,3 +266,23 @@ class TestExecUnseen:
             "unexplained",
             [f"check it with getcap /bin/x; the bounding set was {FULL:016x}"],
         ) == (r.verdict, r.details)
+
+
+class TestActiveLsms:
+    def test_ids_as_securityfs_names_them(self) -> None:
+        """lsm_list_modules's ids (as this kernel 6.18 answers: 108, 100, 110, 109) read as
+        /sys/kernel/security/lsm spells them, in order; an id not in the table is kept."""
+        assert ("lockdown", "capability", "landlock", "bpf", "lsm:999") == lsm_names(
+            [108, 100, 110, 109, 999]
+        )
+
+    def test_securityfs_file_first(self, tmp_path: Path) -> None:
+        """A root with kernel/security/lsm: its list."""
+        (tmp_path / "kernel" / "security").mkdir(parents=True)
+        (tmp_path / "kernel" / "security" / "lsm").write_text("capability,apparmor\n")
+        assert ("capability", "apparmor") == active_lsms(str(tmp_path))
+
+    def test_another_root_without_the_file_is_not_known(self, tmp_path: Path) -> None:
+        """A root other than /sys without the file: not known (the running kernel's list
+        would describe another machine than the root's)."""
+        assert active_lsms(str(tmp_path)) is None
