@@ -145,7 +145,11 @@ def _live_member(w: Workload, gone: int, cgroup_root: str | None, proc_root: str
     except (OSError, ValueError):
         return None
     return next(
-        (p for p in pids if p != gone and os.path.exists(os.path.join(proc_root, str(p), "status"))),
+        (
+            p
+            for p in pids
+            if p != gone and os.path.exists(os.path.join(proc_root, str(p), "status"))
+        ),
         None,
     )
 

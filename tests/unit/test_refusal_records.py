@@ -93,9 +93,7 @@ def traced(batch: Batch, proc_root: str, *sinks: object, reader: bool = True) ->
         policy=Policy.load(None),
         outcome=True,
         refusal_facts=(
-            refusal_evidence(resolve, lambda tid, nr: None, proc_root=proc_root)
-            if reader
-            else None
+            refusal_evidence(resolve, lambda tid, nr: None, proc_root=proc_root) if reader else None
         ),
     )
     p.on_batch("denials", batch)
