@@ -6,6 +6,11 @@
       -> join outcome (--outcome) -> classify (policy, outcome)
       -> Check (one immutable record) -> keep / unique -> sinks
 
+A syscall refused with no capability denied in it (a refusal record, for a
+single target only) takes the same path: its evidence is read on arrival
+(``refusal_facts``), it is judged once its workload is named, and it becomes
+a Check whose ``refusal`` holds the verdict, the evidence and the fix.
+
 `trace`, `serve`, `explain` and `advise` are configurations of
 :class:`Pipeline`: which filters, whether outcomes are joined, which sinks.
 A sink is anything with ``write(check)``, ``tick()`` and ``close()``: the
@@ -19,9 +24,9 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from capwatch.attribution.containers import Workload
 from capwatch.attribution.workloads import HoldQueue, Identity, identity_of
@@ -29,12 +34,22 @@ from capwatch.decode.caps import cap_name
 from capwatch.decode.events import Batch, Event, events_from_batch
 from capwatch.decode.procfs import ProcStatus, fd_kind, read_status
 from capwatch.decode.syscalls import syscall_name
-from capwatch.diagnose.explain import DenialFacts
+from capwatch.diagnose.explain import DenialFacts, Explanation, explain
 from capwatch.diagnose.outcome import Joined, OutcomeJoiner, outcome_text, reply_text, role_of
 from capwatch.diagnose.policy import Policy
+from capwatch.diagnose.refusals import Refusal, RefusalFacts, judge
 from capwatch.errors import CapwatchError
 
-__all__ = ["Check", "Clock", "Pipeline", "Sink", "StatusSnapshots", "facts_of", "status_of"]
+__all__ = [
+    "Check",
+    "Clock",
+    "Pipeline",
+    "Sink",
+    "StatusSnapshots",
+    "facts_of",
+    "finding_fields",
+    "status_of",
+]
 
 
 class Clock:
@@ -80,13 +95,18 @@ class Check:
     joined: bool = False  # whether outcomes were joined (--outcome)
     rule: str | None = None  # what made a denial expected (a policy rule, outcome:ENODEV)
     status: ProcStatus | None = field(default=None, compare=False)  # sets read at the denial
+    # a syscall refused with no capability denied in it (cap -1): what refused, the
+    # evidence and the fix (capwatch.diagnose.refusals.judge)
+    refusal: Refusal | None = None
 
     @property
     def capability(self) -> str:
-        return cap_name(self.cap)
+        return "" if self.refusal is not None else cap_name(self.cap)
 
     @property
     def verdict(self) -> str:
+        if self.refusal is not None:
+            return "refused"
         return "denied" if self.denied else "allowed"
 
     @property
@@ -114,6 +134,15 @@ class Check:
     def count(self) -> int:
         """How many checks this record stands for."""
         return 1 + self.suppressed
+
+    def finding(self) -> Refusal | Explanation | None:
+        """What refused the syscall, in explain's words: the refusal's verdict, or,
+        for a capability denial whose syscall failed with it (a cause), explain's."""
+        if self.refusal is not None:
+            return self.refusal
+        if self.denied and self.joined and self.role == "cause":
+            return explain(facts_of(self))
+        return None
 
     def iso_time(self) -> str:
         return datetime.fromtimestamp(self.time, tz=UTC).isoformat(timespec="microseconds")
@@ -157,6 +186,8 @@ class Check:
             rec["expected"], rec["rule"] = self.expected, self.rule
         if self.service:
             rec["service"] = self.service
+        if self.refusal is not None:
+            rec["refusal"] = finding_fields(self.refusal)
         if with_caps and self.status is not None:
             st = self.status
             rec["caps"] = {k: f"{v:016x}" for k, v in st.caps().items()}
@@ -176,7 +207,7 @@ class Check:
         try:
             ts = datetime.fromisoformat(str(rec["time"])).timestamp()
             ret = rec.get("syscall_ret")
-            return cls(
+            check = cls(
                 time=ts,
                 pid=int(rec["pid"]),
                 tid=int(rec.get("tid", rec["pid"])),
@@ -192,7 +223,7 @@ class Check:
                 namespace=str(rec.get("namespace") or ""),
                 service=str(rec.get("service") or ""),
                 cap=int(rec["cap"]),
-                denied=rec.get("verdict", "denied") == "denied",
+                denied=rec.get("verdict", "denied") in ("denied", "refused"),
                 syscall_nr=int(rec.get("syscall_nr", -1)),
                 audit=_opt_bool(rec.get("audit")),
                 insetid=_opt_bool(rec.get("insetid")),
@@ -206,8 +237,66 @@ class Check:
                 rule=None if rec.get("rule") is None else str(rec["rule"]),
                 status=_status_from(rec),
             )
+            found = rec.get("refusal")
+            if found is None:
+                return check
+            if not isinstance(found, dict):
+                raise TypeError("refusal is not an object")
+            return replace(check, refusal=_refusal_from(check, found))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a capwatch record: {exc}") from None
+
+
+def finding_fields(f: Refusal | Explanation) -> dict[str, Any]:
+    """A finding's own words in a record: its verdict, summary, evidence and fixes
+    (and the path a refusal named); the rest is the record's."""
+    out: dict[str, Any] = {
+        "verdict": f.verdict,
+        "summary": f.summary,
+        "details": list(f.details),
+        "fixes": [dict(x) for x in f.fixes],
+    }
+    if isinstance(f, Refusal):
+        out["path"] = f.path
+    return out
+
+
+class _WorkloadFacts(TypedDict):
+    kind: str
+    container: str
+    container_id: str
+    pod: str
+    namespace: str
+
+
+def _workload_facts(c: Check) -> _WorkloadFacts:
+    """The workload as explain's facts name it (the same for denials and refusals)."""
+    return {
+        "kind": "kubernetes" if c.kind == "kubernetes" or c.pod else (c.runtime or c.kind),
+        "container": c.container_name or c.container,
+        "container_id": c.container_id,
+        "pod": c.pod,
+        "namespace": c.namespace,
+    }
+
+
+def _refusal_from(c: Check, found: Mapping[str, Any]) -> Refusal:
+    fixes = found.get("fixes") or []
+    if not isinstance(fixes, list) or not all(isinstance(x, dict) for x in fixes):
+        raise TypeError("refusal fixes are not a list of objects")
+    return Refusal(
+        verdict=str(found["verdict"]),
+        syscall=c.syscall,
+        outcome=outcome_text(c.ret),
+        comm=c.comm,
+        pid=c.pid,
+        summary=str(found.get("summary", "")),
+        details=[str(d) for d in found.get("details") or []],
+        fixes=[{str(k): str(v) for k, v in x.items()} for x in fixes],
+        count=c.count,
+        path=str(found.get("path") or ""),
+        **_workload_facts(c),
+    )
 
 
 def _opt_bool(v: object) -> bool | None:
@@ -241,7 +330,7 @@ def _status_from(rec: Mapping[str, Any]) -> ProcStatus | None:
 
 def facts_of(c: Check, *, count: int | None = None) -> DenialFacts:
     """What explain needs from a denial record (live, recorded or replayed)."""
-    kind = "kubernetes" if c.kind == "kubernetes" or c.pod else (c.runtime or c.kind)
+    w = _workload_facts(c)
     return DenialFacts(
         cap=c.cap,
         syscall=c.syscall,
@@ -250,8 +339,8 @@ def facts_of(c: Check, *, count: int | None = None) -> DenialFacts:
         ret=c.ret,
         known_probe=c.rule if c.rule is not None and not c.rule.startswith("outcome:") else None,
         status=c.status,
-        kind=kind,
-        container=c.container_name or c.container,
+        kind=w["kind"],
+        container=w["container"],
         pod=c.pod,
         namespace=c.namespace,
         service=c.service,
@@ -330,6 +419,7 @@ class Pipeline:
         snapshot: Callable[[Event], ProcStatus | None] | None = None,
         on_refusal: Callable[[Event], None] | None = None,
         fd_kind: Callable[[int, int], str | None] | None = None,
+        refusal_facts: Callable[[Event], RefusalFacts | None] | None = None,
         note_pid: Callable[[int, int], None] | None = None,
         k8s: bool = False,
         clock: Clock | None = None,
@@ -358,8 +448,13 @@ class Pipeline:
             k8s=k8s,
             clock=lambda: self._monotonic_ns() / 1e9,
         )
+        # refusal records: their evidence, read on arrival (None: not shown), by (tid, ts)
+        self.refusal_facts = refusal_facts
+        self._evidence: OrderedDict[tuple[int, int], RefusalFacts | None] = OrderedDict()
+        self._on_refusal = on_refusal
+        refusals = on_refusal if refusal_facts is None else self._refused
         self.joiner = (
-            OutcomeJoiner(self._emit, on_refusal=on_refusal, fd_kind=fd_kind) if outcome else None
+            OutcomeJoiner(self._emit, on_refusal=refusals, fd_kind=fd_kind) if outcome else None
         )
 
     # -- the event path --------------------------------------------------------
@@ -371,7 +466,14 @@ class Pipeline:
             self.push(ev)
 
     def push(self, ev: Event) -> None:
-        if self.accept is not None and not ev.is_outcome and not self.accept(ev):
+        if ev.is_refusal and self.refusal_facts is not None:
+            if self.accept is not None and not self.accept(ev):
+                return
+            # the process may be gone soon: its evidence is read now, judged later
+            self._evidence[(ev.tid, ev.ts_ns)] = self.refusal_facts(ev)
+            if len(self._evidence) > 4096:
+                self._evidence.popitem(last=False)
+        elif self.accept is not None and not ev.is_outcome and not self.accept(ev):
             return
         if self.snapshots is not None and ev.denied and not ev.is_outcome:
             self.snapshots.take(ev)
@@ -384,11 +486,24 @@ class Pipeline:
             self._emit(Joined(ev, None))
 
     def _emit(self, j: Joined) -> None:
-        check = self.check_of(j)
+        self._deliver(self.check_of(j))
+
+    def _refused(self, ev: Event) -> None:
+        """A refusal record, its workload named: judged with the evidence read on arrival."""
+        if self._on_refusal is not None:
+            self._on_refusal(ev)
+        facts = self._evidence.pop((ev.tid, ev.ts_ns), None)
+        if facts is None:
+            return  # tolerated (a runtime setting a container up) or not read
+        check = self.check_of(Joined(ev, ev.ret))
+        self._deliver(replace(check, refusal=judge(replace(facts, **_workload_facts(check)))))
+
+    def _deliver(self, check: Check) -> None:
         if self.keep is not None and not self.keep(check):
             return
         if self.unique:
-            key = (check.container, check.comm, check.cap, check.denied, check.syscall_nr)
+            verdict = check.refusal.verdict if check.refusal is not None else None
+            key = (check.container, check.comm, check.cap, check.denied, check.syscall_nr, verdict)
             if key in self._seen:
                 return
             if len(self._seen) >= 100_000:
@@ -406,9 +521,10 @@ class Pipeline:
             if len(self._identity) > 10_000:
                 self._identity.clear()
             ident = self._identity[w] = identity_of(w)
-        joined = self.joiner is not None and ev.denied
+        denied = ev.denied or ev.is_refusal  # a refusal record: no capability in it
+        joined = self.joiner is not None and denied
         rule: str | None = None
-        if self.policy is not None and (ev.denied or self.classify_allowed):
+        if self.policy is not None and not ev.is_refusal and (ev.denied or self.classify_allowed):
             r = self.policy.classify(
                 cap=ev.cap,
                 syscall=syscall_name(ev.syscall_nr),
@@ -436,7 +552,7 @@ class Pipeline:
             namespace=ident["namespace"],
             service=w.service,
             cap=ev.cap,
-            denied=ev.denied,
+            denied=denied,
             syscall_nr=ev.syscall_nr,
             audit=None if ev.noaudit is None else not ev.noaudit,
             insetid=ev.insetid,

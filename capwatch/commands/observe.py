@@ -17,7 +17,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
@@ -473,12 +473,12 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.last:
         from capwatch.sinks.recent import read_recent
 
-        exps = read_recent(args.state_file, args.last)
-        if not exps:
+        last = read_recent(args.state_file, args.last)  # refusals with their verdicts too
+        if not last:
             raise CapwatchError(
                 f"no denials recorded in {args.state_file} (run capwatch trace or serve first)"
             )
-        _print(args, exps, out)
+        _print(args, last, out)
         return 0
     target = make_target(args, unique=False, err=err)
     seen = _observe(args, target, err)
@@ -499,7 +499,7 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _print(
     args: argparse.Namespace,
-    exps: list[Explanation],
+    exps: Sequence[Explanation | Refusal],
     out: TextIO,
     refusals: list[Refusal] | None = None,
 ) -> None:

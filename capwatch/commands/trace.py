@@ -1,8 +1,17 @@
-"""`capwatch trace`: the pipeline with the table/JSON writer and the recent-denials store."""
+"""`capwatch trace`: the pipeline with the table/JSON writer and the recent-denials store.
+
+With --outcome and one target (--pid, or a --container running in one cgroup)
+the kernel also sends the target's syscalls refused with EPERM/EACCES and no
+capability denied (seccomp, file capabilities, file modes...): each is shown
+with its verdict, evidence and fix, and kept so in the state file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,14 +21,29 @@ from capwatch.attribution.containers import Workload
 from capwatch.attribution.workloads import WorkloadFilter
 from capwatch.decode.events import Batch, Event
 from capwatch.decode.procfs import ProcStatus
+from capwatch.decode.syscalls import syscall_name
 from capwatch.diagnose.policy import Policy
+from capwatch.diagnose.refusals import RefusalFacts, gather, tolerated_runtime, with_stand_in
+from capwatch.errors import CapwatchError
 from capwatch.pipeline import Clock, Pipeline, Sink, fd_kind_of, status_of
 
 if TYPE_CHECKING:
     from capwatch.kernel.bpf import ProgramConfig
     from capwatch.record.writer import Recorder
 
-__all__ = ["program_config", "run_trace", "trace_pipeline"]
+__all__ = [
+    "REFUSALS_NEED_ONE_TARGET",
+    "program_config",
+    "refusal_evidence",
+    "run_trace",
+    "trace_pipeline",
+]
+
+REFUSALS_NEED_ONE_TARGET = (
+    "capwatch: note: refusals that no capability explains (seccomp, file capabilities,"
+    " file permissions, LSMs...) are shown only for one target: --pid PID, or --container"
+    " NAME running in one cgroup\n"
+)
 
 
 def program_config(args: argparse.Namespace) -> ProgramConfig:
@@ -49,6 +73,7 @@ def trace_pipeline(
     note_pid: Callable[[int, int], None] | None = None,
     snapshot: Callable[[Event], ProcStatus | None] | None = None,
     accept: Callable[[Event], bool] | None = None,
+    refusal_facts: Callable[[Event], RefusalFacts | None] | None = None,
     clock: Clock | None = None,
     monotonic_ns: Callable[[], int] | None = None,
     fd_kind: Callable[[int, int], str | None] | None = None,
@@ -56,7 +81,8 @@ def trace_pipeline(
     """trace's configuration: both rings, the command-line filters, classified
     like serve's (the same denial makes the same record). A replay passes the
     recording's ``snapshot``, ``clock`` and ``monotonic_ns``, and ``accept``
-    for what the kernel filtered live (--pid, --cap)."""
+    for what the kernel filtered live (--pid, --cap). ``refusal_facts`` reads a
+    refusal's evidence on arrival (live only: :func:`refusal_evidence`)."""
     by_comm = (lambda ev: ev.comm == comm) if comm else None
     return Pipeline(
         resolve,
@@ -68,10 +94,84 @@ def trace_pipeline(
         unique=unique,
         snapshot=snapshot or status_of(proc_root),
         fd_kind=fd_kind,
+        refusal_facts=refusal_facts,
         note_pid=note_pid,
         clock=clock,
         monotonic_ns=monotonic_ns or time.monotonic_ns,
     )
+
+
+def refusal_evidence(
+    resolve: Callable[[int], Workload],
+    path_of: Callable[[int, int], str | None],
+    *,
+    proc_root: str = "/proc",
+    cgroup_root: str | None = None,
+) -> Callable[[Event], RefusalFacts | None]:
+    """What a refusal record needs, read when it arrives: the process's status, the
+    path it named (``path_of``: the kernel's map) and that file; a process already
+    gone is stood in for by a live one of its cgroup (the same bounding set, seccomp
+    filter and root). None for a runtime's tolerated set-up refusals."""
+
+    def read(ev: Event) -> RefusalFacts | None:
+        syscall = syscall_name(ev.syscall_nr)
+        if tolerated_runtime(ev.comm, syscall):
+            return None
+        w = resolve(ev.cgroup_id)
+        facts = gather(
+            syscall=syscall,
+            ret=ev.ret,
+            comm=ev.comm,
+            pid=ev.pid,
+            uid=ev.uid,
+            path=path_of(ev.tid, ev.syscall_nr),
+            proc_root=proc_root,
+            kind="kubernetes" if w.kind == "kubernetes" or w.pod else (w.runtime or w.kind),
+        )
+        if facts.seccomp is None or (facts.file is not None and not facts.file.exists):
+            other = _live_member(w, ev.pid, cgroup_root, proc_root)
+            if other is not None:
+                facts = with_stand_in(facts, other, proc_root)
+        return facts
+
+    return read
+
+
+def _live_member(w: Workload, gone: int, cgroup_root: str | None, proc_root: str) -> int | None:
+    """A live process of ``w``'s cgroup other than ``gone``."""
+    if w.cgroup_path is None or cgroup_root is None:
+        return None
+    try:
+        with open(os.path.join(cgroup_root, w.cgroup_path.lstrip("/"), "cgroup.procs")) as f:
+            pids = [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return None
+    return next(
+        (
+            p
+            for p in pids
+            if p != gone and os.path.exists(os.path.join(proc_root, str(p), "status"))
+        ),
+        None,
+    )
+
+
+def _one_target(args: argparse.Namespace, err: TextIO) -> tuple[bool, int | None]:
+    """Whether refusals can be shown (--outcome, one target), and the cgroup to filter
+    on in the kernel for --container (one running container in one cgroup)."""
+    if not args.outcome:
+        return False, None
+    if args.pid:
+        return True, None
+    if args.container and not (args.pod or args.namespace or args.host_only):
+        from capwatch.commands.observe import _container_cgroups
+
+        with contextlib.suppress(CapwatchError):
+            _, cgroups = _container_cgroups(args, args.container)
+            if len(cgroups) == 1:
+                return True, next(iter(cgroups))
+    err.write(REFUSALS_NEED_ONE_TARGET)
+    return False, None
 
 
 def _both(
@@ -109,7 +209,12 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     keep = WorkloadFilter(
         container=args.container, pod=args.pod, namespace=args.namespace, host_only=args.host_only
     )
+    refusals, cgroup = _one_target(args, err)
     config = program_config(args)
+    if refusals:  # the kernel filters on the target: nothing else pays
+        config = dataclasses.replace(
+            config, refusals=True, filter_cgroup=cgroup or config.filter_cgroup
+        )
     stop = threading.Event()
     stop_on_signals(stop)
     session = Session(config, args.attach, kernel_headers=args.kernel_headers)
@@ -118,13 +223,14 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if a.error is not None:
             err.write(f"capwatch: {a.mode} not used: {a.error}\n")
     what = "every check" if args.all else "distinct checks" if args.unique else "denials"
+    what += " and refused syscalls" if refusals else ""
     err.write(
         f"capwatch: attached via {session.mode} in {session.attach_seconds:.1f}s"
         f" (kernel headers: {session.program.headers.source}); tracing {what}, Ctrl-C to stop\n"
     )
     err.flush()
     as_json = args.json or not out.isatty()
-    writer = JsonWriter(out) if as_json else TableWriter(out)
+    writer = (JsonWriter if as_json else TableWriter)(out, verdicts=refusals)
     if args.duration:
         timer = threading.Timer(args.duration, stop.set)
         timer.daemon = True
@@ -140,6 +246,16 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         proc_root=args.proc_root,
         note_pid=attributor.note_pid,
         fd_kind=fd_kind_of(args.proc_root),
+        refusal_facts=(
+            refusal_evidence(
+                attributor.resolve,
+                session.program.refusal_path,
+                proc_root=args.proc_root,
+                cgroup_root=attributor.cgroup_root,
+            )
+            if refusals
+            else None
+        ),
     )
     on_batch: Callable[[str, Batch], None] = pipeline.on_batch
     on_tick: Callable[[], None] = pipeline.tick

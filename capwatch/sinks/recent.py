@@ -4,7 +4,9 @@
 The file holds at most ``limit`` JSON records (the newest last), replaced
 atomically at most once a second, so a denial flood costs one small write a
 second. Each record carries what explain needs, the process's capability
-sets read when the denial arrived included.
+sets read when the denial arrived included. A refusal that no capability
+explains (trace --outcome with one target) is kept with its verdict, its
+evidence and its fix, one record per (container, comm, syscall, verdict).
 
 The history says which workloads were denied what: the file is 0600, in a
 0700 directory (created so, or an existing one of ours tightened to it). A
@@ -29,6 +31,7 @@ from typing import Any
 import structlog
 
 from capwatch.diagnose.explain import Explanation, explain, fold
+from capwatch.diagnose.refusals import Refusal
 from capwatch.pipeline import Check, facts_of
 
 __all__ = [
@@ -115,7 +118,9 @@ class RecentDenials:
     @staticmethod
     def key(rec: dict[str, Any]) -> tuple[Any, ...]:
         # the outcome and role are part of the key: a cause followed by a success of
-        # the same (comm, cap, syscall) stays a cause, beside the probe
+        # the same (comm, cap, syscall) stays a cause, beside the probe; a refusal's
+        # verdict too (seccomp one time, file permissions another)
+        found = rec.get("refusal")
         return (
             rec.get("container"),
             rec.get("comm"),
@@ -123,6 +128,7 @@ class RecentDenials:
             rec.get("syscall"),
             rec.get("outcome"),
             rec.get("role"),
+            found.get("verdict") if isinstance(found, dict) else None,
         )
 
     # -- the pipeline sink ---------------------------------------------------
@@ -196,8 +202,9 @@ class RecentDenials:
             _log.warning("state_file_disabled", path=self.path, reason=str(e))
 
 
-def read_recent(path: str, n: int) -> list[Explanation]:
-    """Explain the ``n`` most recent distinct denials recorded in ``path``."""
+def read_recent(path: str, n: int) -> list[Explanation | Refusal]:
+    """Explain the ``n`` most recent distinct denials recorded in ``path``: the
+    capability findings (newest first), then the refusals with their verdicts."""
     items: list[dict[str, Any]] = []
     with contextlib.suppress(OSError, ValueError):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -205,12 +212,17 @@ def read_recent(path: str, n: int) -> list[Explanation]:
             loaded = json.load(f)
         if isinstance(loaded, list):
             items = [x for x in loaded if isinstance(x, dict)]
-    out = []
+    out: list[Explanation] = []
+    refusals: list[Refusal] = []
     for rec in items[-n:][::-1]:
         try:
             check = Check.from_dict(rec)
             count = int(rec.get("count", 1))
         except ValueError:
             continue  # a record from another version: skip it
-        out.append(explain(facts_of(check, count=count)))
-    return fold(out)
+        if check.refusal is not None:
+            check.refusal.count = count
+            refusals.append(check.refusal)
+        else:
+            out.append(explain(facts_of(check, count=count)))
+    return [*fold(out), *refusals]

@@ -597,3 +597,222 @@ class TestWaitForContainer:
         r = capwatch("explain", "--container", "capwatch-no-such-container-x")
         assert (1, 1) == (r.returncode, len(r.stderr.splitlines()))
         assert "--wait DURATION waits for it" in r.stderr
+
+
+# --- trace --outcome with one target, and explain --last from its state file ---------
+
+
+def trace_then(
+    target: list[str], state: Path, act: Any, *, duration: float = 8
+) -> tuple[list[dict[str, Any]], str]:
+    """capwatch trace --outcome --json TARGET (--pid P or --container NAME) writing
+    ``state``; once it says it is attached, ``act()`` makes the refusal. Its JSON
+    records, and its stderr."""
+    p = subprocess.Popen(
+        [
+            *CAPWATCH,
+            "trace",
+            "--outcome",
+            "--json",
+            *target,
+            "--duration",
+            str(duration),
+            "--state-file",
+            str(state),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert p.stderr is not None
+    said = ""
+    while not said.splitlines()[-1:] or not said.splitlines()[-1].startswith("capwatch: att"):
+        line = p.stderr.readline()  # "attached" is written once the program is attached
+        assert line, said
+        said += line
+    act()
+    out, err = p.communicate(timeout=120)
+    assert 0 == p.returncode, err
+    assert "Traceback" not in err, err
+    return [json.loads(x) for x in out.splitlines() if x.strip()], said + err
+
+
+def refused(recs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(syscall, verdict) -> record, for every record that says what refused it."""
+    return {(r["syscall"], r["refusal"]["verdict"]): r for r in recs if "refusal" in r}
+
+
+def explain_last(state: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    r = capwatch("explain", "--last", "20", "--json", "--state-file", str(state))
+    assert 0 == r.returncode, r.stderr
+    return verdicts(findings(r))
+
+
+def nobody_waiting(script: str) -> subprocess.Popen[bytes]:
+    """``sh -c 'read x; SCRIPT'`` as uid 65534: it waits on stdin (no syscall refused
+    meanwhile), so a trace of its pid can attach first; write a line to start it."""
+    return subprocess.Popen(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/bin/sh",
+            "-c",
+            f"read x; {script}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def go(p: subprocess.Popen[bytes]) -> None:
+    """Start it; it is not reaped until the trace is over: a zombie's status still
+    shows its sets and NoNewPrivs, which the trace reads when the denial arrives."""
+    assert p.stdin is not None
+    p.stdin.write(b"go\n")
+    p.stdin.close()
+
+
+class TestTraceVerdictsOnHost:
+    def test_touch_of_root_owned_file_under_trace_pid(self, shared_dir: Path) -> None:
+        """trace --outcome --pid: touch (as nobody) of a root-owned 0644 file is refused
+        CAP_DAC_OVERRIDE in openat; the record says file permissions, with the chown/chmod
+        fix, and explain --last then says the same from the state file trace wrote."""
+        target = shared_dir / "rootfile"
+        target.write_text("x")
+        target.chmod(0o644)
+        state = shared_dir / "state" / "recent.json"
+        p = nobody_waiting(f"exec /usr/bin/touch {target}")
+        try:
+            recs, _ = trace_then(["--pid", str(p.pid)], state, lambda: go(p))
+        finally:
+            p.kill()
+            p.wait()
+        r = refused(recs)[("openat", "file permissions")]
+        assert ("touch", "CAP_DAC_OVERRIDE", "EACCES", "cause") == (
+            r["comm"],
+            r["capability"],
+            r["outcome"],
+            r["role"],
+        )
+        assert ["file permissions"] == [f["context"] for f in r["refusal"]["fixes"]]
+        assert "uid 65534" in r["refusal"]["fixes"][0]["fix"]
+        e = explain_last(state)[("openat", "file permissions")]
+        assert (r["refusal"]["summary"], r["refusal"]["fixes"]) == (e["summary"], e["fixes"])
+
+    def test_exec_of_a_file_without_x_bits_is_a_refusal_record(self, shared_dir: Path) -> None:
+        """exec of a 0644 script as nobody: EACCES with no capability checked at all. trace
+        --outcome --pid shows it as a refused syscall with its path, verdict file permissions
+        and chmod +x; the state file keeps it and explain --last shows the same words."""
+        script = shared_dir / "noexec"
+        script.write_text("#!/bin/sh\necho hi\n")
+        script.chmod(0o644)
+        state = shared_dir / "state" / "recent.json"
+        p = nobody_waiting(f"exec {script}")
+        try:
+            recs, _ = trace_then(["--pid", str(p.pid)], state, lambda: go(p))
+        finally:
+            p.kill()
+            p.wait()
+        r = refused(recs)[("execve", "file permissions")]
+        assert ("refused", "", "EACCES", p.pid) == (
+            r["verdict"],
+            r["capability"],
+            r["outcome"],
+            r["pid"],
+        )
+        assert (str(script), [{"context": "file", "fix": f"chmod +x {script}"}]) == (
+            r["refusal"]["path"],
+            r["refusal"]["fixes"],
+        )
+        e = explain_last(state)[("execve", "file permissions")]
+        assert (str(script), r["refusal"]["summary"], r["refusal"]["fixes"]) == (
+            e["path"],
+            e["summary"],
+            e["fixes"],
+        )
+        text = capwatch("explain", "--last", "--state-file", str(state)).stdout
+        assert f"execve ({script}) refused to " in text
+        assert f"with EACCES: file permissions\n  {script} is not executable" in text
+
+    def test_setuid_binary_under_no_new_privs_under_trace_pid(self, shared_dir: Path) -> None:
+        """trace --outcome --pid of a setuid-root busybox's ping run as nobody under
+        setpriv --no-new-privs: socket() refused CAP_NET_RAW, verdict no_new_privs, in the
+        trace and in explain --last."""
+        require_tool("setpriv")
+        sub = shared_dir / "suid"
+        sub.mkdir(mode=0o755)
+        binary = sub / "busybox"
+        shutil.copy2(BUSYBOX, binary)
+        binary.chmod(0o4755)
+        state = shared_dir / "state" / "recent.json"
+        p = subprocess.Popen(
+            [
+                "setpriv",
+                "--no-new-privs",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/bin/sh",
+                "-c",
+                f"read x; exec {binary} ping -c1 -W1 127.0.0.1",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            recs, _ = trace_then(["--pid", str(p.pid)], state, lambda: go(p))
+        finally:
+            p.kill()
+            p.wait()
+        r = refused(recs).get(("socket", "no_new_privs")) or pytest.fail(str(recs))
+        assert ("CAP_NET_RAW", "cause") == (r["capability"], r["role"])
+        assert "setpriv" == r["refusal"]["fixes"][0]["context"]
+        e = explain_last(state)[("socket", "no_new_privs")]
+        assert r["refusal"]["fixes"] == e["fixes"]
+
+    def test_without_one_target_it_says_so_once(self, shared_dir: Path) -> None:
+        """trace --outcome of everything: refusals need one target, said once on stderr
+        (the kernel program is built without them: nothing else pays)."""
+        recs, err = trace_then([], shared_dir / "state" / "recent.json", lambda: None, duration=1)
+        assert 1 == err.count("are shown only for one target"), err
+        assert "; tracing denials, Ctrl-C to stop" in err, err
+        assert not [r for r in recs if r["verdict"] == "refused"]
+
+
+@pytest.mark.container
+class TestTraceVerdictsInContainer:
+    def test_default_seccomp_refuses_date_under_trace_container(
+        self, container: Any, shared_dir: Path
+    ) -> None:
+        """trace --outcome --container NAME: date -s in the podman container is refused by
+        the default seccomp profile (no capability checked); the record says seccomp with
+        the podman fix, and explain --last says the same from trace's state file."""
+        name = container("sleep 60")
+        state = shared_dir / "state" / "recent.json"
+        recs, _ = trace_then(
+            ["--container", name],
+            state,
+            lambda: subprocess.run(
+                ["podman", "exec", name, "date", "-s", "2020-01-01"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            ),
+        )
+        r = refused(recs)[("clock_settime", "seccomp")]
+        assert ("date", "refused", "EPERM", name) == (
+            r["comm"],
+            r["verdict"],
+            r["outcome"],
+            r["container_name"],
+        )
+        fix = {"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."}
+        assert fix == r["refusal"]["fixes"][0]
+        e = explain_last(state)[("clock_settime", "seccomp")]
+        assert ("date", name, fix) == (e["comm"], e["container"], e["fixes"][0])
+        assert r["refusal"]["summary"] == e["summary"]
