@@ -16,6 +16,10 @@
  *                      a denial in a send-family syscall that succeeded
  *   CW_REFUSALS        EPERM/EACCES without a capability denial, for the
  *                      filtered target only (needs CW_OUTCOME and a filter)
+ *   CW_REFUSAL_CGROUPS the refusal filter is the refusal_cgroups map instead:
+ *                      1 = only the cgroups it holds (a pod's containers),
+ *                      2 = all but the cgroups it holds (those that existed
+ *                      before a command started its container)
  *   CW_DENIAL_PAGES, CW_CHECK_PAGES  ring sizes in pages (powers of two)
  *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(cgroup, tgid, cap, syscall) denial rate limit
  *   CW_CG_BURST        per-cgroup denial budget (same window)
@@ -689,9 +693,30 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
  * or EACCES without a capability denial in it (seccomp, file capabilities
  * beyond the bounding set at execve, no_new_privs, an LSM, file modes). The
  * return value is compared first, so other syscalls pay one compare. */
-#if !defined(CW_FILTER_CGROUP) && !defined(CW_FILTER_PID)
-#error "CW_REFUSALS needs CW_FILTER_CGROUP or CW_FILTER_PID: nothing else may pay for it"
+#if !defined(CW_FILTER_CGROUP) && !defined(CW_FILTER_PID) && !defined(CW_REFUSAL_CGROUPS)
+#error "CW_REFUSALS needs CW_FILTER_CGROUP, CW_FILTER_PID or CW_REFUSAL_CGROUPS"
 #endif
+#ifdef CW_REFUSAL_CGROUPS
+/* Filled by user space before the target runs (LoadedProgram.set_refusal_cgroups). */
+BPF_HASH(refusal_cgroups, u64, u8, CW_REFUSAL_CGROUPS_MAX);
+#endif
+
+/* Whether a refusal of cgroup ``cg`` is the target's (the pid filter aside). */
+static __always_inline int cw_refusal_cgroup(u64 cg)
+{
+#ifdef CW_FILTER_CGROUP
+	if (cg != CW_FILTER_CGROUP)
+		return 0;
+#endif
+#if defined(CW_REFUSAL_CGROUPS) && CW_REFUSAL_CGROUPS == 1
+	if (!refusal_cgroups.lookup(&cg))
+		return 0;
+#elif defined(CW_REFUSAL_CGROUPS) && CW_REFUSAL_CGROUPS == 2
+	if (refusal_cgroups.lookup(&cg))
+		return 0;
+#endif
+	return 1;
+}
 /* The path a refused execve/open-like syscall named, by thread: read from the
  * user registers saved at syscall entry (pt_regs is ABI), which a failed
  * syscall leaves as they were. Written before the refusal record is sent, so
@@ -743,10 +768,8 @@ static __always_inline void cw_exec_enter(const char *filename)
 	if ((pid_tgid >> 32) != CW_FILTER_PID)
 		return;
 #endif
-#ifdef CW_FILTER_CGROUP
-	if (bpf_get_current_cgroup_id() != CW_FILTER_CGROUP)
+	if (!cw_refusal_cgroup(bpf_get_current_cgroup_id()))
 		return;
-#endif
 	u32 zero = 0, tid = (u32)pid_tgid;
 	struct cw_path *buf = path_scratch.lookup(&zero);
 	if (!buf || bpf_probe_read_user_str(buf->p, sizeof(buf->p), filename) <= 0)
@@ -778,6 +801,26 @@ static __always_inline int cw_is_exec(s32 nr)
 #endif
 }
 
+/* The syscall each thread of the target last entered: a refused syscall that
+ * never entered was refused at entry (seccomp), before it could run. Only the
+ * target's threads pay the update; everyone pays the hook while it is loaded. */
+BPF_TABLE("lru_hash", u32, s32, entered, 10240);
+
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+#ifdef CW_FILTER_PID
+	if ((pid_tgid >> 32) != CW_FILTER_PID)
+		return 0;
+#endif
+	if (!cw_refusal_cgroup(bpf_get_current_cgroup_id()))
+		return 0;
+	u32 tid = (u32)pid_tgid;
+	s32 nr = (s32)ctx->args[1];
+	entered.update(&tid, &nr);
+	return 0;
+}
+
 static __always_inline void cw_refusal(s64 ret)
 {
 	if (ret != -1 && ret != -13) /* -EPERM, -EACCES */
@@ -788,10 +831,8 @@ static __always_inline void cw_refusal(s64 ret)
 		return;
 #endif
 	u64 cg = bpf_get_current_cgroup_id();
-#ifdef CW_FILTER_CGROUP
-	if (cg != CW_FILTER_CGROUP)
+	if (!cw_refusal_cgroup(cg))
 		return;
-#endif
 	u32 tid = (u32)pid_tgid;
 	s32 nr = current_syscall();
 	/* A denial in it: its outcome record follows. Except for execve, whose
@@ -814,6 +855,9 @@ static __always_inline void cw_refusal(s64 ret)
 	cw_note_path(tid, nr);
 	e->ret = (s32)ret;
 	e->flags = CW_F_OUTCOME | CW_F_REFUSAL;
+	s32 *in = entered.lookup(&tid);
+	if (in && *in == nr)
+		e->flags |= CW_F_ENTERED;
 	e->suppressed = 0;
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	denials.ringbuf_submit(e, 0);

@@ -35,6 +35,11 @@
  *                 ``suppressed`` holds the file descriptor it wrote to, so that
  *                 user space can tell a netlink socket from a file or a pipe. */
 #define CW_F_FD 0x800
+/*   CW_F_ENTERED  on a refusal record: raw_syscalls:sys_enter saw this thread
+ *                 enter this syscall. Its absence means the syscall never ran:
+ *                 a seccomp filter (or a ptrace tracer) refused it at entry,
+ *                 before the sys_enter tracepoint (kernel/entry/common.c). */
+#define CW_F_ENTERED 0x1000
 
 struct cw_event {
 	__u64 ts_ns;	 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

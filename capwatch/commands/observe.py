@@ -48,7 +48,14 @@ from capwatch.diagnose.follow import (
 )
 from capwatch.diagnose.outcome import reply_text
 from capwatch.diagnose.policy import Policy
-from capwatch.diagnose.refusals import Refusal, gather, judge, tolerated_runtime, with_stand_in
+from capwatch.diagnose.refusals import (
+    Refusal,
+    gather,
+    judge,
+    not_a_refusal,
+    tolerated_runtime,
+    with_stand_in,
+)
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.kernel import bpf as _bpf
 from capwatch.kernel.session import Session, stop_on_signals
@@ -139,7 +146,11 @@ def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = 
             follower = ContainerFollower(
                 runtime, requested_name(args.cmd), known=set(walk_cgroup_tree(root))
             )
-            cfg = _bpf.ProgramConfig(**{**base, "refusals": False})
+            # refusals from every cgroup but those that existed before (kernel filter:
+            # LoadedProgram.set_refusal_cgroups), kept for the followed ones
+            cfg = _bpf.ProgramConfig(
+                **base, refusal_cgroups="except" if base.get("refusals") else None
+            )
             label = " ".join(args.cmd)
             return Target(label, cfg, args.cmd, made, {cg}, follower.name or "", follower)
         return Target(
@@ -150,9 +161,12 @@ def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = 
         return Target(f"pid {args.pid}", _bpf.ProgramConfig(filter_pid=args.pid, **base))
     if args.container:
         short, cgs = _container_cgroups(args, args.container, err)
-        if len(cgs) != 1:
-            base["refusals"] = False  # no single cgroup to filter on in the kernel
-        cfg = _bpf.ProgramConfig(filter_cgroup=next(iter(cgs)) if len(cgs) == 1 else None, **base)
+        if len(cgs) == 1:
+            cfg = _bpf.ProgramConfig(filter_cgroup=next(iter(cgs)), **base)
+        else:  # several cgroups (a pod's containers): refusals filtered by their set
+            cfg = _bpf.ProgramConfig(
+                **base, refusal_cgroups="only" if base.get("refusals") else None
+            )
         is_id = short.startswith(args.container) or args.container.startswith(short)
         named = "" if is_id else args.container
         return Target(f"container {args.container} ({short})", cfg, cgroup_ids=cgs, name=named)
@@ -246,19 +260,45 @@ def _stand_in(attributor: Attributor, proc_root: str, ev: Event) -> procfs.ProcS
     return None
 
 
+def _fill_refusal_cgroups(program: Any, target: Target, err: TextIO) -> None:
+    """The refusal filter's set: the target's cgroups ("only"), or every cgroup that
+    existed before the command but its own ("except": the containers it starts are new)."""
+    how = target.config.refusal_cgroups
+    if how == "only":
+        ids: set[int] = set(target.cgroup_ids)
+    elif how == "except" and target.follower is not None:
+        ids = set(target.follower.known) - set(target.cgroup_ids)
+    else:
+        return
+    left = program.set_refusal_cgroups(ids)
+    if left and how == "only":
+        err.write(f"capwatch: note: refusals of {left} of the target's cgroups are not watched\n")
+    elif left:
+        err.write(
+            f"capwatch: note: {left} existing cgroups did not fit the refusal filter: their"
+            " refusals reach capwatch too (and are left out by it)\n"
+        )
+
+
 def _refusal_handler(
     col: Findings,
     attributor: Attributor,
     target: Target,
     proc_root: str,
     path_of: Callable[[int, int], str | None],
+    *,
+    keep: Callable[[Event], bool] | None = None,
 ) -> Callable[[Event], None]:
-    """A syscall refused without a capability denial: judged with what is seen now."""
+    """A syscall refused without a capability denial: judged with what is seen now.
+    ``keep`` decides whose refusals are the target's when the kernel cannot (the
+    containers a command starts)."""
 
     def on_refusal(ev: Event) -> None:
+        if keep is not None and not keep(ev):
+            return
         syscall = syscall_name(ev.syscall_nr)
         path = path_of(ev.tid, ev.syscall_nr)
-        if tolerated_runtime(ev.comm, syscall):
+        if tolerated_runtime(ev.comm, syscall) or not_a_refusal(syscall, ev.ret):
             return
         w = attributor.resolve(ev.cgroup_id)
         facts = gather(
@@ -269,6 +309,7 @@ def _refusal_handler(
             uid=ev.uid,
             path=path,
             proc_root=proc_root,
+            entered=ev.entered,
             kind="kubernetes" if w.kind == "kubernetes" or w.pod else (w.runtime or w.kind),
             container=w.container_name or w.name or target.name,
             container_id=w.container_id,
@@ -351,6 +392,7 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
     except BaseException:
         attributor.close()
         raise
+    _fill_refusal_cgroups(session.program, target, err)
     pipeline = Pipeline(
         attributor.resolve,
         [col] if inside is None else [col, inside],
@@ -361,7 +403,16 @@ def _observe_in(args: argparse.Namespace, target: Target, err: TextIO) -> Observ
         snapshot=_snapshot(attributor, args.proc_root, col),
         fd_kind=fd_kind_of(args.proc_root),
         on_refusal=_refusal_handler(
-            col, attributor, target, args.proc_root, session.program.refusal_path
+            col,
+            attributor,
+            target,
+            args.proc_root,
+            session.program.refusal_path,
+            keep=(
+                (lambda ev: ev.cgroup_id in cgroups or follow(ev))
+                if target.follower is not None
+                else None
+            ),
         ),
         note_pid=attributor.note_pid,
     )

@@ -23,7 +23,13 @@ from capwatch.decode.events import Batch, Event
 from capwatch.decode.procfs import ProcStatus
 from capwatch.decode.syscalls import syscall_name
 from capwatch.diagnose.policy import Policy
-from capwatch.diagnose.refusals import RefusalFacts, gather, tolerated_runtime, with_stand_in
+from capwatch.diagnose.refusals import (
+    RefusalFacts,
+    gather,
+    not_a_refusal,
+    tolerated_runtime,
+    with_stand_in,
+)
 from capwatch.errors import CapwatchError
 from capwatch.pipeline import Clock, Pipeline, Sink, fd_kind_of, status_of
 
@@ -115,7 +121,7 @@ def refusal_evidence(
 
     def read(ev: Event) -> RefusalFacts | None:
         syscall = syscall_name(ev.syscall_nr)
-        if tolerated_runtime(ev.comm, syscall):
+        if tolerated_runtime(ev.comm, syscall) or not_a_refusal(syscall, ev.ret):
             return None
         w = resolve(ev.cgroup_id)
         facts = gather(
@@ -126,6 +132,7 @@ def refusal_evidence(
             uid=ev.uid,
             path=path_of(ev.tid, ev.syscall_nr),
             proc_root=proc_root,
+            entered=ev.entered,
             kind="kubernetes" if w.kind == "kubernetes" or w.pod else (w.runtime or w.kind),
         )
         if facts.seccomp is None or (facts.file is not None and not facts.file.exists):

@@ -23,6 +23,7 @@ __all__ = [
     "EVENT_SIZE",
     "EVENT_STRUCT",
     "F_DENIED",
+    "F_ENTERED",
     "F_EXIT",
     "F_FD",
     "F_INSETID",
@@ -50,6 +51,7 @@ F_EXIT = 0x100  # with F_OUTCOME: ret is a process's exit status (capwatch.h)
 F_REFUSAL = 0x200  # with F_OUTCOME: EPERM/EACCES with no capability denied in the syscall
 F_REPLY = 0x400  # with F_OUTCOME: ret is the error of the netlink reply such a process read
 F_FD = 0x800  # with F_OUTCOME: ``suppressed`` is the fd a send-family syscall wrote to
+F_ENTERED = 0x1000  # on a refusal record: the syscall was seen to enter (it ran)
 
 #: numpy mirror of struct cw_event (little-endian, as on x86_64 and arm64).
 EVENT_DTYPE = np.dtype(
@@ -109,6 +111,12 @@ class Event:
     def fd(self) -> int | None:
         """The fd a send-family syscall that succeeded wrote to (outcome records), or None."""
         return self.suppressed if self.flags & F_FD else None
+
+    @property
+    def entered(self) -> bool:
+        """Refusal records: whether the syscall entered (ran). Not entered: refused at
+        entry, by a seccomp filter (or a ptrace tracer), before it could run."""
+        return bool(self.flags & F_ENTERED)
 
     @property
     def is_reply(self) -> bool:

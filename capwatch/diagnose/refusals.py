@@ -34,6 +34,7 @@ __all__ = [
     "gather",
     "judge",
     "lsm_names",
+    "not_a_refusal",
     "tolerated_runtime",
     "with_stand_in",
 ]
@@ -140,6 +141,9 @@ class RefusalFacts:
     namespace: str = ""
     count: int = 1
     evidence_from: str = ""  # "" when the process's own status was read
+    #: whether the kernel saw the syscall enter; False: refused at entry (seccomp,
+    #: or a ptrace tracer), before it ran; None: not known
+    entered: bool | None = None
 
 
 @dataclass
@@ -292,13 +296,26 @@ def judge(f: RefusalFacts) -> Refusal:
 
     # 2. seccomp: the filter returns EPERM before the syscall runs, so no capability
     # is ever checked.
-    if f.seccomp == 2 and f.ret == -errno.EPERM:
+    at_entry = f.entered is False and f.seccomp != 0
+    if (f.seccomp == 2 or at_entry) and f.ret == -errno.EPERM:
         r.verdict = "seccomp"
         unlock = SECCOMP_UNLOCKED_BY.get(f.syscall)
-        r.summary = (
-            f"A seccomp filter refused {f.syscall}: the process has a filter (Seccomp: 2) "
-            "and no capability was checked in the call."
-        )
+        if f.seccomp == 2:
+            r.summary = (
+                f"A seccomp filter refused {f.syscall}: the process has a filter (Seccomp: 2) "
+                "and no capability was checked in the call."
+            )
+        else:
+            r.summary = (
+                f"A seccomp filter refused {f.syscall}: the kernel refused it at entry, "
+                "before it ran (no sys_enter), which is what a seccomp filter does; no "
+                "capability was checked in the call."
+            )
+        if at_entry and f.seccomp is None:
+            r.details.append(
+                "the process was gone before its status could be read; a ptrace tracer "
+                "skipping the call would look the same"
+            )
         if unlock is not None:
             r.details.append(
                 f"docker's and podman's default profile refuse {f.syscall} unless the "
@@ -539,6 +556,7 @@ def gather(
     path: str | None,
     proc_root: str = "/proc",
     sys_root: str = "/sys",
+    entered: bool | None = None,
     **workload: Any,
 ) -> RefusalFacts:
     """Read the evidence for one refusal now (the process may still be there)."""
@@ -574,6 +592,7 @@ def gather(
             if path
             else None
         ),
+        entered=entered,
         **workload,
     )
 
@@ -601,3 +620,18 @@ def tolerated_runtime(comm: str, syscall: str) -> bool:
     if syscall in _EXEC:
         return False
     return any(fnmatch.fnmatchcase(comm, p) for p in RUNTIME_SETUP_COMMS)
+
+
+#: Syscalls whose EPERM says something other than "not permitted": no privilege,
+#: capability or policy changes it, so it is no refusal to explain (Go's runtime
+#: adds every fd to its epoll set and takes EPERM for "a regular file").
+NOT_PERMISSION_EPERM: dict[str, str] = {
+    "epoll_ctl": "the fd does not support epoll (a regular file or a directory)",
+    "setsid": "the caller already leads a process group",
+    "setpgid": "a session leader, or a group in another session",
+}
+
+
+def not_a_refusal(syscall: str, ret: int) -> bool:
+    """An EPERM that means something else for this syscall (NOT_PERMISSION_EPERM)."""
+    return ret == -errno.EPERM and syscall in NOT_PERMISSION_EPERM

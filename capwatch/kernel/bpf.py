@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,11 @@ class ProgramConfig:
     outcome: bool = False  # hook syscall exit to learn each denial's syscall result
     # with outcome and a filter: also EPERM/EACCES that no capability denial explains
     refusals: bool = False
+    #: refusals filtered by a set of cgroups (LoadedProgram.set_refusal_cgroups):
+    #: "only" those of the set (a pod's containers), "except" those (the cgroups
+    #: that existed before a command started a container); None: by the filters
+    refusal_cgroups: str | None = None
+    refusal_cgroups_max: int = 16384
 
 
 @dataclass(frozen=True)
@@ -137,9 +142,18 @@ def build_cflags(config: ProgramConfig, mode: str, *, no_autoattach: bool = Fals
     if config.outcome:
         flags.append("-DCW_OUTCOME")
     if config.refusals:
-        if not config.outcome or (config.filter_cgroup is None and config.filter_pid is None):
+        targeted = config.filter_cgroup is not None or config.filter_pid is not None
+        if not config.outcome or not (targeted or config.refusal_cgroups):
             raise CapwatchError("refusals need outcome mode and a pid or cgroup filter")
         flags.append("-DCW_REFUSALS")
+        if config.refusal_cgroups:
+            how = {"only": 1, "except": 2}.get(config.refusal_cgroups)
+            if how is None:
+                raise CapwatchError(
+                    f"refusal_cgroups is 'only' or 'except', not {config.refusal_cgroups!r}"
+                )
+            flags.append(f"-DCW_REFUSAL_CGROUPS={how}")
+            flags.append(f"-DCW_REFUSAL_CGROUPS_MAX={config.refusal_cgroups_max}")
     if no_autoattach:
         flags.append("-DCW_NO_AUTOATTACH")
     return flags
@@ -206,6 +220,8 @@ def cache_slot_key(slot: int) -> tuple[int, bool]:
     """(capability, denied) counted in slot ``slot`` of ``struct cw_cache``'s n[]
     (the inverse of capwatch.h's CW_CACHE_SLOT)."""
     return slot >> 1, bool(slot & 1)
+
+
 _HELD_KEY = np.dtype([("cgroup_id", "<u8"), ("cap", "<i4"), ("syscall_nr", "<i4")])
 
 
@@ -475,6 +491,20 @@ class LoadedProgram:
         out["held_evicted"] = self._held_evicted
         out["inconsistent_reads"] = self.inconsistent_reads
         return out
+
+    def set_refusal_cgroups(self, cgroup_ids: Iterable[int]) -> int:
+        """Put ``cgroup_ids`` in the refusal filter's set (ProgramConfig.refusal_cgroups);
+        returns how many did not fit (the map holds refusal_cgroups_max)."""
+        import ctypes
+
+        table = self._bpf[b"refusal_cgroups"]
+        left = 0
+        for cg in cgroup_ids:
+            try:
+                table[ctypes.c_uint64(cg)] = ctypes.c_uint8(1)
+            except Exception:  # bcc raises a bare Exception when the map is full
+                left += 1
+        return left
 
     def recursion_misses(self) -> int | None:
         """Runs of the cap_capable programs the kernel skipped because one was

@@ -286,3 +286,41 @@ class TestActiveLsms:
         """A root other than /sys without the file: not known (the running kernel's list
         would describe another machine than the root's)."""
         assert active_lsms(str(tmp_path)) is None
+
+
+class TestRefusedAtEntry:
+    """The kernel saw no sys_enter for the refused syscall (CW_F_ENTERED absent)."""
+
+    def facts(self, **kw: object) -> RefusalFacts:
+        base: dict[str, object] = {
+            "syscall": "clock_settime",
+            "ret": -errno.EPERM,
+            "comm": "date",
+            "pid": 9,
+            "uid": 0,
+            "kind": "podman",
+            "container": "web",
+        }
+        base.update(kw)
+        return RefusalFacts(**base)  # type: ignore[arg-type]
+
+    def test_gone_process_refused_at_entry_is_seccomp(self) -> None:
+        r = judge(self.facts(entered=False))
+        assert "seccomp" == r.verdict
+        assert "refused it at entry, before it ran" in r.summary
+        assert {"context": "podman", "fix": "podman run --cap-add=SYS_TIME ..."} in r.fixes
+
+    def test_entered_and_status_unknown_is_not_seccomp(self) -> None:
+        assert "seccomp" != judge(self.facts(entered=True)).verdict
+
+    def test_no_filter_known_is_not_seccomp(self) -> None:
+        """Seccomp: 0 read from its status: a tracer skipped it, not a filter."""
+        assert "seccomp" != judge(self.facts(entered=False, seccomp=0)).verdict
+
+
+def test_eperm_that_means_something_else() -> None:
+    from capwatch.diagnose.refusals import not_a_refusal
+
+    assert not_a_refusal("epoll_ctl", -errno.EPERM)
+    assert not not_a_refusal("epoll_ctl", -errno.EACCES)
+    assert not not_a_refusal("clock_settime", -errno.EPERM)

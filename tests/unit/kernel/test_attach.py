@@ -117,6 +117,26 @@ class TestCflags:
         for f in ("CW_EMIT_ALL", "CW_UNIQUE", "CW_FILTER_PID", "CW_FILTER_CAP", "CW_NO_AUTOATTACH"):
             assert f not in flags
 
+    @pytest.mark.parametrize(("how", "define"), [("only", 1), ("except", 2)])
+    def test_refusals_by_a_cgroup_set(self, how: str, define: int) -> None:
+        """Refusals filtered by a set of cgroups need no pid or cgroup filter."""
+        flags = build_cflags(
+            ProgramConfig(self_pid=7, outcome=True, refusals=True, refusal_cgroups=how),
+            "raw_tracepoint",
+        )
+        assert {"-DCW_REFUSALS", f"-DCW_REFUSAL_CGROUPS={define}"} <= set(flags)
+        assert "-DCW_REFUSAL_CGROUPS_MAX=16384" in flags
+
+    def test_refusals_need_a_target(self) -> None:
+        """Refusals for every process on the node are refused: nothing else may pay."""
+        with pytest.raises(CapwatchError, match="pid or cgroup filter"):
+            build_cflags(ProgramConfig(outcome=True, refusals=True), "raw_tracepoint")
+        with pytest.raises(CapwatchError, match="'only' or 'except'"):
+            build_cflags(
+                ProgramConfig(outcome=True, refusals=True, refusal_cgroups="all"),
+                "raw_tracepoint",
+            )
+
     def test_ring_size_must_be_power_of_two(self) -> None:
         """A ring size the kernel would refuse is caught before compiling."""
         with pytest.raises(CapwatchError, match="power of two"):
