@@ -239,17 +239,26 @@ class TestExplainAndAdvise:
         )
         assert bounding(r.stdout) & (1 << CAP_SYS_TIME)
 
-    def test_explain_docker_run_points_to_container(self, dockerd: Dockerd) -> None:
-        """explain -- docker run ...: the container is dockerd's child, not the command's,
-        so its denials cannot be watched that way; capwatch says so and what to run."""
-        r = run_capwatch(
-            "explain", "--json", "--", DOCKER, "run", "--rm", "--network", "none", IMAGE, "true"
-        )
-        assert 0 == r.returncode, r.stderr
-        assert (
-            "capwatch: note: dockerd runs this container, not the command: its denials are"
-            " not watched here; use explain --container NAME"
-        ) in r.stderr.splitlines()
+    def test_explain_docker_run_follows_the_container(self, dockerd: Dockerd) -> None:
+        """explain -- docker run ...: dockerd runs the container, not the command, in a
+        cgroup of its own; capwatch follows the new docker cgroup and judges its refusal:
+        docker's default seccomp profile refuses date's clock_settime (no capability is
+        checked), with the container named and docker's --cap-add fix."""
+        name = new_id()
+        try:
+            r = run_capwatch(
+                "explain", "--json", "--", DOCKER, "run", "--rm", "--name", name,
+                "--network", "none", IMAGE, "date", "-s", "2020-01-01",
+                timeout=180,
+            )  # fmt: skip
+        finally:
+            dockerd.docker("rm", "-f", name, check=False)
+        assert "Traceback" not in r.stderr, r.stderr
+        assert "runs this container, not the command" not in r.stderr
+        found = json.loads(r.stdout.strip().splitlines()[-1])
+        [f] = [x for x in found if x.get("verdict") == "seccomp"]
+        assert (name, "docker", "date") == (f["container"], f["kind"], f["comm"]), f
+        assert {"context": "docker", "fix": "docker run --cap-add=SYS_TIME ..."} in f["fixes"]
 
     def test_explain_ctr_container(
         self, containerd: Containerd, busybox_root: Path, tmp_path: Path
