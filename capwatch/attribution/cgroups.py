@@ -33,6 +33,7 @@ __all__ = [
     "cgroup_owners",
     "cgroup_path_of_pid",
     "find_cgroup2_mount",
+    "live_member",
     "parse_mountinfo_cgroup2",
     "walk_cgroup_tree",
 ]
@@ -326,3 +327,25 @@ class CgroupResolver:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+def live_member(
+    cgroup_root: str | None, path: str | None, gone: int, *, proc_root: str = "/proc"
+) -> int | None:
+    """A live process of the cgroup at ``path`` other than ``gone``: it shares the
+    gone one's container (bounding set, seccomp filter, root). None when there is none."""
+    if path is None or cgroup_root is None:
+        return None
+    try:
+        with open(os.path.join(cgroup_root, path.lstrip("/"), "cgroup.procs")) as f:
+            pids = [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return None
+    return next(
+        (
+            p
+            for p in pids
+            if p != gone and os.path.exists(os.path.join(proc_root, str(p), "status"))
+        ),
+        None,
+    )

@@ -21,7 +21,12 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
-from capwatch.attribution.cgroups import cgroup_owners, find_cgroup2_mount, walk_cgroup_tree
+from capwatch.attribution.cgroups import (
+    cgroup_owners,
+    find_cgroup2_mount,
+    live_member,
+    walk_cgroup_tree,
+)
 from capwatch.attribution.containers import (
     Attributor,
     ContainerNames,
@@ -94,7 +99,7 @@ def _tree(root: str, names: ContainerNames) -> dict[int, Workload]:
     return out
 
 
-def _container_cgroups(
+def container_cgroups(
     args: argparse.Namespace, text: str, err: TextIO | None = None
 ) -> tuple[str, set[int]]:
     root = _unified(args)
@@ -163,7 +168,7 @@ def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = 
         procfs.read_status(args.pid, proc_root=args.proc_root)  # a missing pid fails here
         return Target(f"pid {args.pid}", _bpf.ProgramConfig(filter_pid=args.pid, **base))
     if args.container:
-        short, cgs = _container_cgroups(args, args.container, err)
+        short, cgs = container_cgroups(args, args.container, err)
         if len(cgs) == 1:
             cfg = _bpf.ProgramConfig(filter_cgroup=next(iter(cgs)), **base)
         else:  # several cgroups (a pod's containers): refusals filtered by their set
@@ -247,19 +252,11 @@ def _stand_in(attributor: Attributor, proc_root: str, ev: Event) -> procfs.ProcS
     """A live process of the same cgroup (not the refused one, exiting): it shares
     the bounding set, the seccomp filter and the root."""
     w = attributor.resolve(ev.cgroup_id)
-    root = attributor.cgroup_root
-    if w.cgroup_path is None or root is None:
+    pid = live_member(attributor.cgroup_root, w.cgroup_path, ev.pid, proc_root=proc_root)
+    if pid is None:
         return None
-    try:
-        with open(os.path.join(root, w.cgroup_path.lstrip("/"), "cgroup.procs")) as f:
-            pids = [int(p) for p in f.read().split()]
-    except OSError:
-        return None
-    for pid in pids:
-        if pid == ev.pid:
-            continue
-        with contextlib.suppress(CapwatchError):
-            return procfs.read_status(pid, proc_root=proc_root)
+    with contextlib.suppress(CapwatchError):
+        return procfs.read_status(pid, proc_root=proc_root)
     return None
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
+from capwatch.attribution.cgroups import live_member
 from capwatch.attribution.containers import Workload
 from capwatch.attribution.workloads import WorkloadFilter
 from capwatch.decode.events import Batch, Event
@@ -136,31 +136,12 @@ def refusal_evidence(
             kind="kubernetes" if w.kind == "kubernetes" or w.pod else (w.runtime or w.kind),
         )
         if facts.seccomp is None or (facts.file is not None and not facts.file.exists):
-            other = _live_member(w, ev.pid, cgroup_root, proc_root)
+            other = live_member(cgroup_root, w.cgroup_path, ev.pid, proc_root=proc_root)
             if other is not None:
                 facts = with_stand_in(facts, other, proc_root)
         return facts
 
     return read
-
-
-def _live_member(w: Workload, gone: int, cgroup_root: str | None, proc_root: str) -> int | None:
-    """A live process of ``w``'s cgroup other than ``gone``."""
-    if w.cgroup_path is None or cgroup_root is None:
-        return None
-    try:
-        with open(os.path.join(cgroup_root, w.cgroup_path.lstrip("/"), "cgroup.procs")) as f:
-            pids = [int(p) for p in f.read().split()]
-    except (OSError, ValueError):
-        return None
-    return next(
-        (
-            p
-            for p in pids
-            if p != gone and os.path.exists(os.path.join(proc_root, str(p), "status"))
-        ),
-        None,
-    )
 
 
 def _one_target(args: argparse.Namespace, err: TextIO) -> tuple[bool, int | None]:
@@ -171,10 +152,10 @@ def _one_target(args: argparse.Namespace, err: TextIO) -> tuple[bool, int | None
     if args.pid:
         return True, None
     if args.container and not (args.pod or args.namespace or args.host_only):
-        from capwatch.commands.observe import _container_cgroups
+        from capwatch.commands.observe import container_cgroups
 
         with contextlib.suppress(CapwatchError):
-            _, cgroups = _container_cgroups(args, args.container)
+            _, cgroups = container_cgroups(args, args.container)
             if len(cgroups) == 1:
                 return True, next(iter(cgroups))
     err.write(REFUSALS_NEED_ONE_TARGET)

@@ -306,3 +306,20 @@ class TestCgroupResolver:
             r.walk()
         assert "/z" == r.lookup(ino)
         assert ["cgroup_walk_listener_failed"] == [e["event"] for e in logs]
+
+
+def test_live_member_skips_the_gone_process(tmp_path: Path) -> None:
+    """The first process of the cgroup that is not the gone one and still has a /proc entry."""
+    from capwatch.attribution.cgroups import live_member
+
+    cg = tmp_path / "cg" / "machine.slice" / "libpod-x.scope"
+    cg.mkdir(parents=True)
+    (cg / "cgroup.procs").write_text("10\n11\n12\n")
+    proc = tmp_path / "proc"
+    for pid in (10, 12):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "status").write_text("Name:\tsh\n")
+    root, path = str(tmp_path / "cg"), "/machine.slice/libpod-x.scope"
+    assert 12 == live_member(root, path, 10, proc_root=str(proc))  # 11 has no /proc entry
+    assert live_member(root, "/nope", 10, proc_root=str(proc)) is None
+    assert live_member(None, path, 10, proc_root=str(proc)) is None
