@@ -35,7 +35,14 @@ from capwatch.decode.events import Batch, Event, events_from_batch
 from capwatch.decode.procfs import ProcStatus, fd_kind, read_status
 from capwatch.decode.syscalls import syscall_name
 from capwatch.diagnose.explain import DenialFacts, Explanation, explain
-from capwatch.diagnose.outcome import Joined, OutcomeJoiner, outcome_text, reply_text, role_of
+from capwatch.diagnose.outcome import (
+    Joined,
+    OutcomeJoiner,
+    is_async_candidate,
+    outcome_text,
+    reply_text,
+    role_of,
+)
 from capwatch.diagnose.policy import Policy
 from capwatch.diagnose.refusals import Refusal, RefusalFacts, judge
 from capwatch.errors import CapwatchError
@@ -534,7 +541,18 @@ class Pipeline:
                 namespace=ident["namespace"],
             )
             rule = r.name if r is not None else None
-        if rule is None and joined and ev.denied and j.role == "probe":
+        # Only the kernel's own word makes a denial expected: the syscall's result.
+        # A send-family call that succeeded is judged by what the process read back
+        # (a netlink reply) or what its fd is now, both of which the process itself
+        # controls: such a "probe" is shown, never classified away (a tenant could
+        # forge an ack, or dup2 a file over its netlink socket, to hide a denial).
+        if (
+            rule is None
+            and joined
+            and ev.denied
+            and j.role == "probe"
+            and not is_async_candidate(j.ret, syscall_name(ev.syscall_nr))
+        ):
             rule = f"outcome:{j.outcome}"
         return Check(
             time=self.clock.wall(ev.ts_ns),

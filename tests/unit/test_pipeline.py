@@ -214,3 +214,69 @@ class TestSnapshots:
         assert ([77], []) == (reads, rec.checks)
         p.close()
         assert [77] == [c.pid for c in rec.checks]
+
+
+class TestTenantControlledEvidence:
+    """A send-family denial judged a probe by what the process itself controls (the
+    netlink reply it read, what its fd is when capwatch looks) is shown as a probe
+    but never classified as expected: a tenant could forge an ack, or dup2 a file
+    over its netlink socket, to keep its denial away from the unexpected-denial alert."""
+
+    SENDMSG, WRITE = 46, 1
+
+    def serve_checks(
+        self,
+        rows: list[tuple[int, int, int, int, int, int, int, int, int, bytes]],
+        kind: str | None = None,
+    ) -> list[Check]:
+        from capwatch.pipeline import Pipeline
+
+        rec = Recorder()
+        p = Pipeline(
+            resolve,
+            [rec],
+            policy=Policy.load(None),
+            outcome=True,
+            fd_kind=lambda _pid, _fd: kind,
+        )
+        p.on_batch("denials", batch(rows))
+        p.close()
+        return [c for c in rec.checks if c.denied]
+
+    def test_forged_ack_is_a_probe_but_not_expected(self) -> None:
+        from capwatch.decode.events import F_REPLY
+
+        [c] = self.serve_checks(
+            [
+                (1_000, 7, 101, 12, self.SENDMSG, 0, F_DENIED, 0, 0, b"ip"),
+                (1_100, 7, 101, 0, self.SENDMSG, 32, F_OUTCOME, 0, 0, b"ip"),
+                (1_200, 7, 101, 0, 47, 0, F_OUTCOME | F_REPLY, 0, 0, b"ip"),
+            ]
+        )
+        assert ("probe", "ack", False, None) == (
+            c.role,
+            c.to_dict()["reply"],
+            c.expected,
+            c.rule,
+        )
+
+    def test_synchronous_probe_is_still_expected(self) -> None:
+        [c] = self.serve_checks(
+            [
+                (2_000, 9, 202, 12, IOCTL, 0, F_DENIED, 0, 0, b"ifconfig"),
+                (2_100, 9, 202, 0, IOCTL, -errno.ENODEV, F_OUTCOME, 0, 0, b"ifconfig"),
+            ]
+        )
+        assert (True, "outcome:ENODEV") == (c.expected, c.rule)
+
+    def test_fd_seen_as_a_file_is_a_probe_but_not_expected(self) -> None:
+        from capwatch.decode.events import F_FD
+
+        [c] = self.serve_checks(
+            [
+                (3_000, 7, 303, 4, self.WRITE, 0, F_DENIED, 0, 0, b"sh"),
+                (3_100, 7, 303, 0, self.WRITE, 2, F_OUTCOME | F_FD, 5, 0, b"sh"),
+            ],
+            kind="file",
+        )
+        assert ("probe", "file", False) == (c.role, c.channel, c.expected)
