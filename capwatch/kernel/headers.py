@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,14 +41,19 @@ def _is_full_tree(p: Path) -> bool:
 
 
 def _merge_split(arch_dir: Path, common_dir: Path, karch: str, work: Path) -> Path:
-    """Symlink farm: common's files, with arch_dir's generated dirs laid over."""
-    dest = work / f"kernel-headers-{arch_dir.name}"
-    stamp = dest / ".capwatch-merged"
-    if stamp.exists():
-        return dest
+    """Symlink farm: common's files, with arch_dir's generated dirs laid over.
+
+    Built in a directory of its own and renamed into place, so that capwatch
+    processes starting at once (trace and serve after a boot) never see, or
+    trip over, each other's half-built farm: the first rename wins, the others
+    use it."""
+    final = work / f"kernel-headers-{arch_dir.name}"
+    if (final / ".capwatch-merged").exists():
+        return final
+    work.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix=f".kernel-headers-{arch_dir.name}.", dir=work))
     # Deepest first: include/ and arch/<karch>/include/ are merged per entry.
     merge_points = [Path("include"), Path("arch") / karch / "include"]
-    dest.mkdir(parents=True, exist_ok=True)
 
     def link(src: Path, dst: Path) -> None:
         if dst.is_symlink() or dst.exists():
@@ -69,8 +76,20 @@ def _merge_split(arch_dir: Path, common_dir: Path, karch: str, work: Path) -> Pa
     for top in ("Makefile", "Module.symvers"):
         if (arch_dir / top).exists():
             link(arch_dir / top, dest / top)
-    stamp.touch()
-    return dest
+    (dest / ".capwatch-merged").touch()
+    dest.chmod(0o755)  # mkdtemp made it 0700
+    for _ in range(2):
+        try:
+            os.rename(dest, final)
+            return final
+        except OSError:
+            if (final / ".capwatch-merged").exists():  # another process's farm won
+                shutil.rmtree(dest, ignore_errors=True)
+                return final
+            # a farm left half-built (by a capwatch that died while building it)
+            shutil.rmtree(final, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    raise HeadersError(f"cannot put the merged kernel headers at {final}")
 
 
 def _as_bcc_dir(p: Path, karch: str, work: Path) -> Path:

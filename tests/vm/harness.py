@@ -44,6 +44,9 @@ SERIES = {
     "6.12": re.compile(r"^linux-image-(6\.12\.(\d+)\+deb12-amd64)$"),
 }
 BOOT_TIMEOUT = 3600.0
+#: vCPUs per guest. Both guests boot at once; under TCG each vCPU is a host thread,
+#: so more vCPUs than host cores only adds contention (CAPWATCH_VM_CPUS overrides).
+VM_CPUS = int(os.environ.get("CAPWATCH_VM_CPUS", "1"))
 KVM_PROBE_TIMEOUT = 45.0
 
 
@@ -204,7 +207,7 @@ class Boot:
         self.accel = accel
         outdir.mkdir(parents=True, exist_ok=True)
         self.log = (outdir / "vng.log").open("w")
-        argv = [*_vng_argv(kernel, outdir, accel, "4G", 2), "--"]
+        argv = [*_vng_argv(kernel, outdir, accel, "4G", VM_CPUS), "--"]
         argv += [sys.executable, str(GUEST), str(outdir)]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(

@@ -92,6 +92,43 @@ class TestFindHeaders:
         assert first == find_headers(**kw)  # type: ignore[arg-type]
         assert mtime == stamp.stat().st_mtime_ns
 
+    def test_concurrent_starts_all_find_the_tree(self, debian: Path) -> None:
+        """Processes starting at once on a fresh machine (trace and serve after a boot)
+        each find the merged tree: none sees or trips over another's half-built farm
+        (one of five failed with "no kernel header tree" in a VM before)."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(16) as pool:
+            for round_ in range(8):  # each round a fresh machine: an empty work dir
+                work = debian / f"work{round_}"
+                kw = {
+                    "release": "6.18.0",
+                    "modules_dir": str(debian / "lib/modules"),
+                    "src_dir": str(debian / "usr/src"),
+                    "work_dir": str(work),
+                }
+                paths = pool.starmap(_find_path, [(kw,)] * 16)
+                assert 1 == len(set(paths)), paths
+                merged = Path(paths[0])
+                assert (merged / ".capwatch-merged").exists()
+                assert (merged / "include/generated/autoconf.h").exists()
+                assert [merged.name] == [p.name for p in work.iterdir()]  # no leftovers
+
+    def test_half_built_farm_is_replaced(self, debian: Path) -> None:
+        """A farm left without its stamp (a capwatch that died building it) is rebuilt."""
+        stale = debian / "work/kernel-headers-linux-headers-6.1.0-56-amd64"
+        (stale / "include").mkdir(parents=True)
+        h = find_headers(
+            release="6.18.0",
+            modules_dir=str(debian / "lib/modules"),
+            src_dir=str(debian / "usr/src"),
+            work_dir=str(debian / "work"),
+        )
+        assert str(stale) == h.path
+        assert (stale / ".capwatch-merged").exists()
+        assert (stale / "include/linux/kconfig.h").exists()
+
     def test_explicit_wins(self, debian: Path) -> None:
         """--kernel-headers DIR is used before anything else."""
         common = debian / "usr/src/linux-headers-6.1.0-9-common"
@@ -121,3 +158,10 @@ class TestFindHeaders:
                 work_dir=str(tmp_path / "w"),
             )
         assert "\n" not in str(exc.value)
+
+
+def _find_path(kw: dict[str, str]) -> str:
+    try:
+        return find_headers(**kw).path  # type: ignore[arg-type]
+    except HeadersError as exc:  # what a process that lost the race said
+        return f"failed: {exc}"
