@@ -6,7 +6,8 @@
 node. A tight loop of getppid() (no capability check) pinned to CPU 0 is
 timed (thread CPU time per call) with nothing attached, with capwatch
 default, with capwatch --outcome, and with explain's program (outcome, a pid
-filter on another process) without and with refusal records, interleaved,
+filter on another process) without and with refusal records, and with the
+sys_enter hook explain adds to tell a refusal at entry (seccomp), interleaved,
 medians over REPS. getppid() returns a pid (>= 20), so the check for a netlink
 reply (a shared gate read) is paid on every call, as read() would.
 Figures are added ns per getppid() against the baseline of the same
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "outcome": ProgramConfig(outcome=True),
         "explain": ProgramConfig(outcome=True, filter_pid=me),
         "refusals": ProgramConfig(outcome=True, filter_pid=me, refusals=True),
+        "entry": ProgramConfig(outcome=True, filter_pid=me, refusals=True, refusal_entry=True),
     }
     rows: dict[str, list[float]] = {"baseline": [], **{k: [] for k in configs}}
     for _ in range(a.reps):
@@ -102,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, title in (
         ("default", "capwatch default (no syscall hook)"),
         ("outcome", "capwatch --outcome (sys_exit hook, gate closed)"),
-        ("explain", "explain's program, another process watched (outcome + pid filter)"),
-        ("refusals", "explain's program with refusals (EPERM/EACCES exits of the target)"),
+        ("explain", "another process watched (outcome + pid filter: advise)"),
+        ("refusals", "... + refusal records (trace --outcome --pid)"),
+        ("entry", "... + the target's syscall entries watched (explain: a sys_enter hook)"),
     ):
         print(
             f"| {title} | {med['baseline'] + med[k]:.0f} | {med[k]:+.0f} | {med[k] / med['baseline']:.2f} |"

@@ -20,6 +20,8 @@
  *                      1 = only the cgroups it holds (a pod's containers),
  *                      2 = all but the cgroups it holds (those that existed
  *                      before a command started its container)
+ *   CW_REFUSAL_ENTRY   note what the target's threads enter (raw sys_enter), so
+ *                      that a refusal at entry (seccomp) is known as such
  *   CW_DENIAL_PAGES, CW_CHECK_PAGES  ring sizes in pages (powers of two)
  *   CW_RL_BURST, CW_RL_WINDOW_NS     per-(cgroup, tgid, cap, syscall) denial rate limit
  *   CW_CG_BURST        per-cgroup denial budget (same window)
@@ -801,9 +803,11 @@ static __always_inline int cw_is_exec(s32 nr)
 #endif
 }
 
+#ifdef CW_REFUSAL_ENTRY
 /* The syscall each thread of the target last entered: a refused syscall that
  * never entered was refused at entry (seccomp), before it could run. Only the
- * target's threads pay the update; everyone pays the hook while it is loaded. */
+ * target's threads pay the update; every syscall of the node pays the hook
+ * while it is loaded (explain only: docs/benchmarks.md). */
 BPF_TABLE("lru_hash", u32, s32, entered, 10240);
 
 RAW_TRACEPOINT_PROBE(sys_enter)
@@ -820,6 +824,7 @@ RAW_TRACEPOINT_PROBE(sys_enter)
 	entered.update(&tid, &nr);
 	return 0;
 }
+#endif
 
 static __always_inline void cw_refusal(s64 ret)
 {
@@ -855,9 +860,13 @@ static __always_inline void cw_refusal(s64 ret)
 	cw_note_path(tid, nr);
 	e->ret = (s32)ret;
 	e->flags = CW_F_OUTCOME | CW_F_REFUSAL;
+#ifdef CW_REFUSAL_ENTRY
 	s32 *in = entered.lookup(&tid);
 	if (in && *in == nr)
-		e->flags |= CW_F_ENTERED;
+		e->flags |= CW_F_ENTERED | CW_F_ENTRY_KNOWN;
+	else
+		e->flags |= CW_F_ENTRY_KNOWN;
+#endif
 	e->suppressed = 0;
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	denials.ringbuf_submit(e, 0);

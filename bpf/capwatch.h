@@ -40,6 +40,9 @@
  *                 a seccomp filter (or a ptrace tracer) refused it at entry,
  *                 before the sys_enter tracepoint (kernel/entry/common.c). */
 #define CW_F_ENTERED 0x1000
+/*   CW_F_ENTRY_KNOWN  on a refusal record: entries were watched (CW_REFUSAL_ENTRY),
+ *                 so CW_F_ENTERED's absence means "not entered", not "not known". */
+#define CW_F_ENTRY_KNOWN 0x2000
 
 struct cw_event {
 	__u64 ts_ns;	 /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

@@ -137,6 +137,7 @@ def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = 
     }
     if args.command == "explain":
         base["refusals"] = True  # only with a cgroup or pid filter (below)
+        base["refusal_entry"] = True  # seccomp at entry known as such (a sys_enter hook)
     if args.cmd:
         root = _unified(args)
         made = runcmd.make_command_cgroup(root, proc_root=args.proc_root)

@@ -24,6 +24,7 @@ __all__ = [
     "EVENT_STRUCT",
     "F_DENIED",
     "F_ENTERED",
+    "F_ENTRY_KNOWN",
     "F_EXIT",
     "F_FD",
     "F_INSETID",
@@ -52,6 +53,7 @@ F_REFUSAL = 0x200  # with F_OUTCOME: EPERM/EACCES with no capability denied in t
 F_REPLY = 0x400  # with F_OUTCOME: ret is the error of the netlink reply such a process read
 F_FD = 0x800  # with F_OUTCOME: ``suppressed`` is the fd a send-family syscall wrote to
 F_ENTERED = 0x1000  # on a refusal record: the syscall was seen to enter (it ran)
+F_ENTRY_KNOWN = 0x2000  # on a refusal record: entries were watched (F_ENTERED means something)
 
 #: numpy mirror of struct cw_event (little-endian, as on x86_64 and arm64).
 EVENT_DTYPE = np.dtype(
@@ -113,9 +115,12 @@ class Event:
         return self.suppressed if self.flags & F_FD else None
 
     @property
-    def entered(self) -> bool:
-        """Refusal records: whether the syscall entered (ran). Not entered: refused at
-        entry, by a seccomp filter (or a ptrace tracer), before it could run."""
+    def entered(self) -> bool | None:
+        """Refusal records: whether the syscall entered (ran); None when entries were
+        not watched. Not entered: refused at entry, by a seccomp filter (or a ptrace
+        tracer), before it could run."""
+        if not self.flags & F_ENTRY_KNOWN:
+            return None
         return bool(self.flags & F_ENTERED)
 
     @property

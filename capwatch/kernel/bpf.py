@@ -87,6 +87,10 @@ class ProgramConfig:
     #: that existed before a command started a container); None: by the filters
     refusal_cgroups: str | None = None
     refusal_cgroups_max: int = 16384
+    #: with refusals: watch what the target enters (a raw sys_enter program, which
+    #: every syscall of the node pays while loaded: explain only), so that a refusal
+    #: at entry is known to be seccomp's even when the process is gone
+    refusal_entry: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,8 @@ def build_cflags(config: ProgramConfig, mode: str, *, no_autoattach: bool = Fals
                 )
             flags.append(f"-DCW_REFUSAL_CGROUPS={how}")
             flags.append(f"-DCW_REFUSAL_CGROUPS_MAX={config.refusal_cgroups_max}")
+        if config.refusal_entry:
+            flags.append("-DCW_REFUSAL_ENTRY")
     if no_autoattach:
         flags.append("-DCW_NO_AUTOATTACH")
     return flags
