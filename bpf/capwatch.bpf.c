@@ -544,11 +544,49 @@ static __always_inline int cw_sys_exit(s64 ret)
  * is remembered here; the first NLMSG_ERROR message it then reads with
  * recvmsg/recvfrom is sent (CW_F_REPLY, with the reply's error), or, if it
  * reads none, its exit_group() status (CW_F_EXIT) when it exits. */
-BPF_TABLE("lru_hash", u32, u8, asyncwait, 4096);
+/* value: the sequence number of the first netlink message the denied request
+ * sent, with bit 32 set when it could be read (else any reply is taken). */
+BPF_TABLE("lru_hash", u32, u64, asyncwait, 4096);
 /* How many processes asyncwait holds (an LRU eviction leaves it high: then
  * the recv check below costs a lookup more, never a wrong answer). Zero in
  * the common case, so a syscall exit pays one array read for replies. */
 BPF_ARRAY(async_gate, u64, 1);
+
+/* The nlmsg_seq of the first message a send-family syscall sent (the user
+ * buffer it named, still there at its exit), with bit 32 set; 0 when unread.
+ * write/sendto name the buffer, writev an iovec array, sendmsg a msghdr whose
+ * msg_iov is at offset 16, sendmmsg an array of mmsghdr (msghdr first). */
+static __always_inline u64 cw_sent_seq(s32 nr)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	u64 arg = 0, buf = 0, iov = 0;
+#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
+	arg = regs->si;
+	int via_iov = nr == 20, via_msg = nr == 46 || nr == 307;
+#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
+	arg = regs->regs[1];
+	int via_iov = nr == 66, via_msg = nr == 211 || nr == 269;
+#else
+	int via_iov = 0, via_msg = 0;
+#endif
+	if (via_msg) {
+		if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(arg + 16)))
+			return 0;
+	} else if (via_iov) {
+		iov = arg;
+	}
+	if (iov) {
+		if (bpf_probe_read_user(&buf, sizeof(buf), (const void *)iov))
+			return 0;
+	} else if (!via_msg) {
+		buf = arg;
+	}
+	u32 seq = 0;
+	if (!buf || bpf_probe_read_user(&seq, sizeof(seq), (const void *)(buf + 8)))
+		return 0;
+	return (1ULL << 32) | seq;
+}
 
 static __always_inline void cw_async_note(s64 ret)
 {
@@ -560,11 +598,12 @@ static __always_inline void cw_async_note(s64 ret)
 		return;
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	u32 tid = (u32)pid_tgid;
-	if (!pending.lookup(&tid) || !cw_is_send(current_syscall()))
+	s32 nr = current_syscall();
+	if (!pending.lookup(&tid) || !cw_is_send(nr))
 		return;
 	u32 tgid = pid_tgid >> 32;
-	u8 one = 1;
-	if (asyncwait.insert(&tgid, &one) == 0) {
+	u64 seq = cw_sent_seq(nr);
+	if (asyncwait.insert(&tgid, &seq) == 0) {
 		u64 *ag = async_gate.lookup(&zero);
 		if (ag)
 			__sync_fetch_and_add(ag, 1);
@@ -608,8 +647,10 @@ static __always_inline void cw_async_reply(s64 ret)
 		return;
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	u32 tgid = pid_tgid >> 32;
-	if (!asyncwait.lookup(&tgid))
+	u64 *want = asyncwait.lookup(&tgid);
+	if (!want)
 		return;
+	u64 wanted = *want;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	u64 arg = 0, buf = 0;
@@ -636,6 +677,9 @@ static __always_inline void cw_async_reply(s64 ret)
 		return;
 	/* NLMSG_ERROR, a length that fits what was read, an errno or 0 */
 	if (m.type != 2 || m.len < sizeof(m) || m.len > ret || m.error > 0 || m.error < -4095)
+		return;
+	/* the reply to another request (sent before, answered late): not this one's */
+	if ((wanted >> 32) && m.seq != (u32)wanted)
 		return;
 	if (asyncwait.delete(&tgid) == 0)
 		__sync_fetch_and_add(ag, -1);

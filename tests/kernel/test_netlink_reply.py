@@ -42,6 +42,26 @@ sys.exit(0)
 """
 
 
+#: Pipelines two requests before reading any reply: a lookup of a link that does
+#: not exist (answered ENODEV, no capability asked), then the dummy link's
+#: creation (refused CAP_NET_ADMIN); then reads both replies, in that order.
+NETLINK_PIPELINED = r"""
+import socket, struct, sys
+def attr(t, payload):
+    n = 4 + len(payload)
+    return struct.pack("=HH", n, t) + payload + b"\0" * ((4 - n % 4) % 4)
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+get = struct.pack("=BxHiII", 0, 0, 987654, 0, 0)
+s.send(struct.pack("=IHHII", 16 + len(get), 18, 0x1 | 0x4, 7, 0) + get)  # RTM_GETLINK
+body = struct.pack("=BxHiII", 0, 0, 0, 0, 0) + attr(3, sys.argv[1].encode() + b"\0")
+body += attr(18, attr(1, b"dummy\0"))
+s.send(struct.pack("=IHHII", 16 + len(body), 16, 0x1 | 0x4 | 0x200 | 0x400, 8, 0) + body)
+for _ in range(2):
+    r = s.recv(65536)
+    print("reply", struct.unpack_from("=IHHII", r), struct.unpack_from("=i", r, 16)[0])
+"""
+
+
 def explain(*cmd: str) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     r = subprocess.run(
         [sys.executable, "-m", "capwatch.commands.cli", "explain", "--json", "--", *cmd],
@@ -149,3 +169,21 @@ def test_write_by_a_process_gone_at_once_is_never_a_cause(tmp_path: Any) -> None
     assert 3 == rc
     assert {"write"} == {e["syscall"] for e in exps}
     assert {e["role"] for e in exps} <= {"unknown", "probe"}, exps
+
+
+def test_pipelined_requests_each_get_their_own_reply() -> None:
+    """The reply read first answers an earlier request (ENODEV, seq 7); the denied
+    request's own reply (seq 8) says EPERM: matched by sequence number, a cause.
+    Taking the first reply read, it was called a probe ("refused with ENODEV")."""
+    r, exps = explain(
+        "capsh",
+        "--drop=cap_net_admin",
+        "--",
+        "-c",
+        f"exec {sys.executable} -c '{NETLINK_PIPELINED}' cwnl15",
+    )
+    subprocess.run(["ip", "link", "del", "cwnl15"], capture_output=True, check=False)
+    assert 0 == r.returncode, r.stderr
+    assert {("cause", "EPERM", "sendto")} == {
+        (e["role"], e["reply"], e["syscall"]) for e in exps
+    }, exps
