@@ -170,6 +170,13 @@ def _both(
     return lambda ev: a(ev) and b(ev)
 
 
+def _recorded_snapshot(recorder: Recorder) -> Callable[[Event], ProcStatus | None]:
+    def get(ev: Event) -> ProcStatus | None:
+        return recorder.snapshots.get(ev.pid, ev.uid, ev.comm)
+
+    return get
+
+
 def _tee(
     recorder: Recorder, pipeline: Pipeline
 ) -> tuple[Callable[[str, Batch], None], Callable[[], None]]:
@@ -223,6 +230,25 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         timer = threading.Timer(args.duration, stop.set)
         timer.daemon = True
         timer.start()
+    recorder: Recorder | None = None
+    snapshot: Callable[[Event], ProcStatus | None] | None = None
+    if args.record:
+        from capwatch.commands.record import host_facts
+        from capwatch.record.writer import Recorder
+
+        recorder = Recorder(
+            args.record,
+            host_facts(args, session.mode, config),
+            attributor.resolve,
+            status_of(args.proc_root),
+            counts=session.program.read_counts,
+            stats=session.program.read_stats,
+            note_pid=attributor.note_pid,
+        )
+        # One read of a denying process's sets, the recording's (it sees each batch
+        # first): the live trace then shows what a replay of the file will show,
+        # never a second read that a process gone meanwhile makes differ.
+        snapshot = _recorded_snapshot(recorder)
     pipeline = trace_pipeline(
         attributor.resolve,
         [writer, RecentDenials(args.state_file)],
@@ -233,6 +259,7 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         unique=args.unique,
         proc_root=args.proc_root,
         note_pid=attributor.note_pid,
+        snapshot=snapshot,
         fd_kind=fd_kind_of(args.proc_root),
         refusal_facts=(
             refusal_evidence(
@@ -247,20 +274,7 @@ def run_trace(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
     on_batch: Callable[[str, Batch], None] = pipeline.on_batch
     on_tick: Callable[[], None] = pipeline.tick
-    recorder: Recorder | None = None
-    if args.record:
-        from capwatch.commands.record import host_facts
-        from capwatch.record.writer import Recorder
-
-        recorder = Recorder(
-            args.record,
-            host_facts(args, session.mode, config),
-            attributor.resolve,
-            status_of(args.proc_root),
-            counts=session.program.read_counts,
-            stats=session.program.read_stats,
-            note_pid=attributor.note_pid,
-        )
+    if recorder is not None:
         on_batch, on_tick = _tee(recorder, pipeline)
     try:
         session.run(stop, on_batch, on_tick=on_tick)
