@@ -146,8 +146,7 @@ def make_target(args: argparse.Namespace, *, unique: bool, err: TextIO | None = 
         # podman runs its container itself (a child of the command), dockerd its
         # own (the command only asks): either way the container's cgroup is new and
         # of that runtime, which is what is followed. containerd's ctr runs get a
-        # note instead (see _observe_in): its task cgroups carry no runtime mark
-        # that tells them from the containerd-shim's.
+        # note instead (see _observe_in): following them is not tried or tested yet.
         if runtime in ("podman", "docker"):
             # the container runs in a cgroup its runtime makes, not under the command's:
             # no kernel filter; user space keeps the command's cgroup and the new
