@@ -552,36 +552,41 @@ BPF_TABLE("lru_hash", u32, u64, asyncwait, 4096);
  * the common case, so a syscall exit pays one array read for replies. */
 BPF_ARRAY(async_gate, u64, 1);
 
-/* The nlmsg_seq of the first message a send-family syscall sent (the user
- * buffer it named, still there at its exit), with bit 32 set; 0 when unread.
- * write/sendto name the buffer, writev an iovec array, sendmsg a msghdr whose
- * msg_iov is at offset 16, sendmmsg an array of mmsghdr (msghdr first). */
-static __always_inline u64 cw_sent_seq(s32 nr)
+/* Where the user buffer of this thread's current send/recv syscall starts (its
+ * first byte), read from the registers saved at syscall entry; 0 if unreadable.
+ * write/sendto/recvfrom name the buffer, writev an iovec array, sendmsg,
+ * sendmmsg and recvmsg a msghdr (sendmmsg's first) whose msg_iov is at
+ * offset 16 (LP64). Still there at the syscall's exit. */
+static __always_inline u64 cw_user_buffer(s32 nr)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	u64 arg = 0, buf = 0, iov = 0;
+	u64 arg = 0, iov = 0, buf = 0;
 #if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
 	arg = regs->si;
-	int via_iov = nr == 20, via_msg = nr == 46 || nr == 307;
+	int via_iov = nr == 20, via_msg = nr == 46 || nr == 307 || nr == 47;
 #elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
 	arg = regs->regs[1];
-	int via_iov = nr == 66, via_msg = nr == 211 || nr == 269;
+	int via_iov = nr == 66, via_msg = nr == 211 || nr == 269 || nr == 212;
 #else
 	int via_iov = 0, via_msg = 0;
 #endif
-	if (via_msg) {
-		if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(arg + 16)))
-			return 0;
-	} else if (via_iov) {
+	if (!via_msg && !via_iov)
+		return arg;
+	if (via_msg && bpf_probe_read_user(&iov, sizeof(iov), (const void *)(arg + 16)))
+		return 0;
+	if (via_iov)
 		iov = arg;
-	}
-	if (iov) {
-		if (bpf_probe_read_user(&buf, sizeof(buf), (const void *)iov))
-			return 0;
-	} else if (!via_msg) {
-		buf = arg;
-	}
+	if (!iov || bpf_probe_read_user(&buf, sizeof(buf), (const void *)iov))
+		return 0;
+	return buf;
+}
+
+/* The nlmsg_seq of the first message a send-family syscall sent, with bit 32
+ * set; 0 when unread. */
+static __always_inline u64 cw_sent_seq(s32 nr)
+{
+	u64 buf = cw_user_buffer(nr);
 	u32 seq = 0;
 	if (!buf || bpf_probe_read_user(&seq, sizeof(seq), (const void *)(buf + 8)))
 		return 0;
@@ -651,27 +656,7 @@ static __always_inline void cw_async_reply(s64 ret)
 	if (!want)
 		return;
 	u64 wanted = *want;
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	u64 arg = 0, buf = 0;
-#if defined(__x86_64__) || defined(__TARGET_ARCH_x86)
-	arg = regs->si;
-	int is_msg = nr == 47;
-#elif defined(__aarch64__) || defined(__TARGET_ARCH_arm64)
-	arg = regs->regs[1];
-	int is_msg = nr == 212;
-#else
-	int is_msg = 0;
-#endif
-	if (is_msg) {
-		u64 iov = 0; /* struct user_msghdr: msg_iov at offset 16 (LP64) */
-		if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(arg + 16)) || !iov)
-			return;
-		if (bpf_probe_read_user(&buf, sizeof(buf), (const void *)iov))
-			return;
-	} else {
-		buf = arg;
-	}
+	u64 buf = cw_user_buffer(nr);
 	struct cw_nlerr m = {};
 	if (!buf || bpf_probe_read_user(&m, sizeof(m), (const void *)buf))
 		return;
