@@ -37,9 +37,9 @@ from capwatch.attribution.containers import (
 from capwatch.attribution.oci import config_sets, sets_status
 from capwatch.attribution.runtime_api import ContainerdTask, daemon_run
 from capwatch.commands import runcmd
+from capwatch.commands.trace import refusal_evidence
 from capwatch.decode import procfs
 from capwatch.decode.events import Event
-from capwatch.decode.syscalls import syscall_name
 from capwatch.diagnose.advise import Advice, Observation, advise
 from capwatch.diagnose.explain import Explanation, explain, fold
 from capwatch.diagnose.follow import (
@@ -55,11 +55,7 @@ from capwatch.diagnose.outcome import reply_text
 from capwatch.diagnose.policy import Policy
 from capwatch.diagnose.refusals import (
     Refusal,
-    gather,
     judge,
-    not_a_refusal,
-    tolerated_runtime,
-    with_stand_in,
 )
 from capwatch.errors import CapwatchError, UsageError
 from capwatch.kernel import bpf as _bpf
@@ -293,34 +289,27 @@ def _refusal_handler(
     ``keep`` decides whose refusals are the target's when the kernel cannot (the
     containers a command starts)."""
 
+    # the evidence as trace reads it (status, path, file, a stand-in for a gone process)
+    evidence = refusal_evidence(
+        attributor.resolve, path_of, proc_root=proc_root, cgroup_root=attributor.cgroup_root
+    )
+
     def on_refusal(ev: Event) -> None:
         if keep is not None and not keep(ev):
             return
-        syscall = syscall_name(ev.syscall_nr)
-        path = path_of(ev.tid, ev.syscall_nr)
-        if tolerated_runtime(ev.comm, syscall) or not_a_refusal(syscall, ev.ret):
+        read = evidence(ev)
+        if read is None:  # a runtime's tolerated set-up, or an EPERM that means else
             return
         w = attributor.resolve(ev.cgroup_id)
-        facts = gather(
-            syscall=syscall,
-            ret=ev.ret,
-            comm=ev.comm,
-            pid=ev.pid,
-            uid=ev.uid,
-            path=path,
-            proc_root=proc_root,
-            entered=ev.entered,
-            kind="kubernetes" if w.kind == "kubernetes" or w.pod else (w.runtime or w.kind),
+        facts = replace(
+            read,
             container=w.container_name or w.name or target.name,
             container_id=w.container_id,
             pod=w.pod,
             namespace=w.namespace,
         )
-        gone = facts.seccomp is None or (facts.file is not None and not facts.file.exists)
-        if gone:  # a live process of its cgroup shares the bounding set and, in a
-            st = _stand_in(attributor, proc_root, ev)  # container, the seccomp filter
-            if st is not None:
-                facts = with_stand_in(facts, st.pid, proc_root)
+        syscall = facts.syscall
+        path = facts.file.path if facts.file is not None else None
         key = (ev.comm, syscall, ev.ret, path)
         if key in col.refusals:
             col.refusals[key].count += 1
